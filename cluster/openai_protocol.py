@@ -1,0 +1,220 @@
+"""The OpenAI wire format: request models, response rendering and error bodies.
+
+This is the one place where Tandem speaks OpenAI. Engines and deployments below it speak prompts,
+sampling parameters and deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 4
+MAX_N = 16
+
+
+class OpenAIError(Exception):
+    """An error answered in the OpenAI error shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Request(BaseModel):
+    # OpenAI answers an unknown argument with 400; so do we, rather than silently ignoring it.
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None  # accepted for client compatibility; not used
+    presence_penalty: float | None = Field(default=None, ge=0, le=0)
+    frequency_penalty: float | None = Field(default=None, ge=0, le=0)
+    # Extensions (as in vLLM / SGLang), sent by the openai client through `extra_body`.
+    top_k: int | None = Field(default=None, ge=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty strings")
+        return stops
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling(self, index: int) -> dict[str, Any]:
+        """Sampling kwargs for the base-model deployment; choice `index` of n gets seed + index."""
+        s: dict[str, Any] = {
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": self.top_k or 0,
+            "stop": list(self.stop or []),
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "ignore_eos": self.ignore_eos,
+        }
+        if self.seed is not None:
+            s["seed"] = self.seed + index
+        if self.max_new_tokens() is not None:
+            s["max_tokens"] = self.max_new_tokens()
+        return s
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """Content as plain text; only text parts are supported."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise OpenAIError(400, f"unsupported content part type {part.get('type')!r}; only 'text' parts are supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_max(self):
+        if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("give max_tokens or max_completion_tokens, not two different values")
+        return self
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def chat_messages(self) -> list[dict]:
+        # "developer" is OpenAI's newer name for the system role.
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be an empty list")
+        return v
+
+    def prompts(self) -> list[dict]:
+        """Each prompt as kwargs for the deployment: text or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [{"prompt": p}]
+        if all(isinstance(x, str) for x in p):
+            return [{"prompt": x} for x in p]
+        if all(isinstance(x, int) for x in p):
+            return [{"prompt_token_ids": p}]
+        return [{"prompt_token_ids": x} for x in p]
+
+
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def finish_reason(reason: str | None) -> str | None:
+    # An engine-side abort is not an OpenAI finish reason; it only happens when the client left.
+    return "stop" if reason == "abort" else reason
+
+
+class ResponseRenderer:
+    """Renders one request's results as a chat.completion / text_completion object or as chunks."""
+
+    def __init__(self, kind: Literal["chat", "completion"], model: str):
+        self.kind = kind
+        self.model = model
+        self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        self.created = int(time.time())
+
+    def _base(self, chunk: bool) -> dict:
+        obj = {"chat": "chat.completion", "completion": "text_completion"}[self.kind]
+        if chunk and self.kind == "chat":
+            obj = "chat.completion.chunk"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def full(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+        """choices: [{"text", "finish_reason"}] in index order."""
+        rendered = []
+        for i, c in enumerate(choices):
+            if self.kind == "chat":
+                rendered.append({"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None, "finish_reason": finish_reason(c["finish_reason"])})
+            else:
+                rendered.append({"index": i, "text": c["text"], "logprobs": None, "finish_reason": finish_reason(c["finish_reason"])})
+        return {**self._base(False), "choices": rendered, "usage": usage(prompt_tokens, completion_tokens)}
+
+    def chunk(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason(finish)}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason(finish)}
+        return {**self._base(True), "choices": [choice]}
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return {**self._base(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = sse("[DONE]")

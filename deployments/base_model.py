@@ -1,0 +1,178 @@
+"""The base-model deployment: one engine per Ray Serve replica.
+
+Handle methods (the same ones the gateway uses; Python callers inside the cluster use them too):
+
+- `stream(prompt=... | messages=... | prompt_token_ids=..., **sampling)` -> async iterator of delta
+  dicts (call with `handle.options(stream=True)`). The first item is an empty delta sent as soon as
+  the request is accepted, so that callers learn about a bad request before any generation.
+- `complete(...)` / `chat(messages, ...)` -> one dict with the full text, finish reason and usage.
+- `score(prompt, continuations)` -> log-probabilities, `stats()`, `model_info()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from deployments.engine import Delta, Engine, GenerationRequest, SamplingParams
+
+logger = logging.getLogger("ray.serve")
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def create_engine(name: str, model_path: str, engine_args: dict, tokenizer) -> Engine:
+    """The engine registry: config name -> adapter class (imported lazily, each has heavy deps)."""
+    if name == "transformers":
+        from deployments.transformers_engine import TransformersEngine
+
+        return TransformersEngine(model_path, engine_args, tokenizer=tokenizer)
+    raise ValueError(f"engine {name!r} is not available in this version of Tandem")
+
+
+def sampling_from_kwargs(kwargs: dict[str, Any]) -> SamplingParams:
+    unknown = sorted(set(kwargs) - _SAMPLING_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown sampling parameter(s) {unknown}; allowed: {sorted(_SAMPLING_FIELDS)}")
+    return SamplingParams(**kwargs)
+
+
+def _delta_dict(delta: Delta) -> dict:
+    return dataclasses.asdict(delta)
+
+
+class BaseModelServer:
+    """One replica: loads the tokenizer (for chat templates) and one engine."""
+
+    async def __init__(self, model_name: str, source: str, engine: str, engine_args: dict | None = None):
+        from transformers import AutoTokenizer
+
+        from deployments.builtin_models import resolve_model_source
+
+        # Resolved here, on the replica's node: a builtin model is built into (or an HF repo id
+        # downloaded to) that node's cache.
+        model_path = str(await asyncio.to_thread(resolve_model_source, source))
+        self.model_name = model_name
+        self.engine_name = engine
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.engine = create_engine(engine, model_path, dict(engine_args or {}), self.tokenizer)
+        await self.engine.start()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id if _in_serve() else "local"
+        logger.info("base model %s ready on replica %s (engine %s)", model_name, self.replica_id, engine)
+
+    # -- prompt rendering ------------------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """Messages -> prompt text through the model's own chat template."""
+        if not messages:
+            raise ValueError("messages must contain at least one message")
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"model {self.model_name!r} has no chat template; use the completions API")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _request(self, prompt, messages, prompt_token_ids, request_id, sampling: dict) -> GenerationRequest:
+        given = [x is not None for x in (prompt, messages, prompt_token_ids)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
+        if messages is not None:
+            prompt = self.render_chat(messages)
+        return GenerationRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            sampling=sampling_from_kwargs(sampling),
+            prompt=prompt,
+            prompt_token_ids=list(prompt_token_ids) if prompt_token_ids is not None else None,
+        )
+
+    # -- handle methods --------------------------------------------------------------------------
+
+    async def stream(
+        self,
+        prompt: str | None = None,
+        messages: list[dict] | None = None,
+        prompt_token_ids: list[int] | None = None,
+        request_id: str | None = None,
+        **sampling,
+    ) -> AsyncIterator[dict]:
+        request = self._request(prompt, messages, prompt_token_ids, request_id, sampling)
+        deltas = self.engine.generate(request)
+        try:
+            async for delta in deltas:
+                yield _delta_dict(delta)
+        finally:
+            # Closing the engine's iterator cancels the request there and frees its slot, also when
+            # our caller went away (client disconnect -> Serve cancels this generator).
+            await deltas.aclose()
+
+    async def complete(
+        self,
+        prompt: str | None = None,
+        messages: list[dict] | None = None,
+        prompt_token_ids: list[int] | None = None,
+        request_id: str | None = None,
+        **sampling,
+    ) -> dict:
+        text, token_ids, last = [], [], None
+        async for delta in self.stream(prompt, messages, prompt_token_ids, request_id, **sampling):
+            text.append(delta["text"])
+            token_ids += delta["token_ids"]
+            last = delta
+        return {
+            "text": "".join(text),
+            "token_ids": token_ids,
+            "finish_reason": last["finish_reason"],
+            "stop_reason": last["stop_reason"],
+            "usage": {
+                "prompt_tokens": last["prompt_tokens"],
+                "completion_tokens": last["completion_tokens"],
+                "total_tokens": last["prompt_tokens"] + last["completion_tokens"],
+            },
+            "replica": self.replica_id,
+        }
+
+    async def chat(self, messages: list[dict], **kwargs) -> dict:
+        return await self.complete(messages=messages, **kwargs)
+
+    async def score(self, prompt: str, continuations: list[str]) -> list[float]:
+        if not continuations:
+            raise ValueError("continuations must not be empty")
+        return await self.engine.score(prompt, list(continuations))
+
+    async def stats(self) -> dict:
+        return {**self.engine.stats().to_dict(), "replica": self.replica_id}
+
+    async def model_info(self) -> dict:
+        return {
+            "model": self.model_name,
+            "engine": self.engine_name,
+            "max_model_len": self.engine.max_model_len,
+            "replica": self.replica_id,
+        }
+
+    # -- Serve hooks -----------------------------------------------------------------------------
+
+    def check_health(self) -> None:
+        # Serve restarts the replica when this raises, e.g. once the engine's decode loop has died.
+        self.engine.check_health()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        s = self.engine.stats()
+        return {"running": s.running, "waiting": s.waiting, "kv_cache_usage": s.kv_cache_usage}
+
+    async def __del__(self):
+        await self.engine.shutdown()
+
+
+def _in_serve() -> bool:
+    try:
+        serve.get_replica_context()
+        return True
+    except Exception:  # noqa: BLE001 - outside a replica Serve raises a plain RayServeException
+        return False
+
+
+BaseModelDeployment = serve.deployment(BaseModelServer, name="BaseModel")

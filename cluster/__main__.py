@@ -1,8 +1,16 @@
-"""`python -m cluster check FILE`: validate a Ray Serve config file without starting Ray."""
+"""Tandem's command line.
+
+- `python -m cluster check FILE...`: validate Ray Serve config files without starting Ray, and
+  print what each would deploy.
+- `python -m cluster run FILE`: check, then hand over to `serve run FILE` (Ray's own runner), so
+  that a bad config fails before Ray starts. Ctrl-C stops the cluster it started.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 
 from cluster.config import ConfigError, load_serve_config
@@ -39,10 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a Ray Serve config file without starting Ray")
     check.add_argument("files", nargs="+", metavar="FILE")
+    run = sub.add_parser("run", help="check FILE, then run it with `serve run`")
+    run.add_argument("file", metavar="FILE")
+    run.add_argument("serve_args", nargs=argparse.REMAINDER, help="passed on to `serve run`")
     args = parser.parse_args(argv)
     if args.command == "check":
         return max(_check(f) for f in args.files)
-    return 2
+    if _check(args.file) != 0:
+        return 1
+    serve = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
+    if serve is None:
+        print("`serve` (from ray[serve]) is not installed in this environment", file=sys.stderr)
+        return 1
+    sys.stdout.flush()
+    os.execv(serve, [serve, "run", args.file, *args.serve_args])
 
 
 if __name__ == "__main__":

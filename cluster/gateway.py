@@ -2,9 +2,10 @@
 
 It parses and validates requests, checks API keys, routes by model name to that model's
 deployment handle, and renders results as OpenAI objects or SSE streams.
-"""
 
-from __future__ import annotations
+(No `from __future__ import annotations` here: FastAPI must see the real `Request` class on the
+ingress methods to inject it.)
+"""
 
 import asyncio
 import hmac
@@ -77,6 +78,13 @@ class _Choice:
         self.finish_reason: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.first: dict | None = None  # the first delta, received before the response starts
+
+    async def deltas(self) -> AsyncIterator[dict]:
+        if self.first is not None:
+            yield self.first
+        async for delta in self.gen:
+            yield delta
 
     def take(self, delta: dict) -> str:
         self.text.append(delta["text"])
@@ -84,6 +92,11 @@ class _Choice:
         self.completion_tokens = delta["completion_tokens"]
         self.finish_reason = delta["finish_reason"] or self.finish_reason
         return delta["text"]
+
+
+def _usage_totals(choices: list[_Choice], n: int) -> tuple[int, int]:
+    """Each prompt's tokens count once, however many (n) choices it has, as OpenAI counts them."""
+    return sum(c.prompt_tokens for c in choices[::n]), sum(c.completion_tokens for c in choices)
 
 
 @serve.deployment(name="Gateway")
@@ -135,8 +148,8 @@ class Gateway:
         return self.models[model]
 
     async def _start(self, handle: DeploymentHandle, jobs: list[dict[str, Any]], prompt_param: str) -> list[_Choice]:
-        """Start every choice's stream and wait for its first (empty) delta, so that a bad request
-        fails here with a proper status before any response bytes are sent."""
+        """Start every choice's stream and wait for its first delta, so that a bad request fails
+        here with a proper status before any response bytes are sent."""
         stream = handle.options(stream=True)
         choices = [_Choice(i, stream.stream.remote(**job)) for i, job in enumerate(jobs)]
         try:
@@ -150,12 +163,12 @@ class Gateway:
                 raise
             raise _engine_error(e, prompt_param) from None
         for c, first in zip(choices, firsts):
-            c.take(first)
+            c.first = first
         return choices
 
     async def _collect(self, choices: list[_Choice], prompt_param: str) -> None:
         async def drain(c: _Choice):
-            async for delta in c.gen:
+            async for delta in c.deltas():
                 c.take(delta)
 
         try:
@@ -173,7 +186,7 @@ class Gateway:
 
         async def pump(c: _Choice):
             try:
-                async for delta in c.gen:
+                async for delta in c.deltas():
                     await queue.put((c, delta, None))
             except Exception as e:  # noqa: BLE001 - reported in-stream below
                 await queue.put((c, None, e))
@@ -279,8 +292,3 @@ class Gateway:
                 raise OpenAIError(400, "echo is only supported with text prompts", param="echo")
             echo = [p["prompt"] for p in prompts]
         return await self._respond("completion", req, jobs, "prompt", echo)
-
-
-def _usage_totals(choices: list[_Choice], n: int) -> tuple[int, int]:
-    """Each prompt's tokens count once, however many (n) choices it has, as OpenAI counts them."""
-    return sum(c.prompt_tokens for c in choices[::n]), sum(c.completion_tokens for c in choices)

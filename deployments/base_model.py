@@ -3,8 +3,7 @@
 Handle methods (the same ones the gateway uses; Python callers inside the cluster use them too):
 
 - `stream(prompt=... | messages=... | prompt_token_ids=..., **sampling)` -> async iterator of delta
-  dicts (call with `handle.options(stream=True)`). The first item is an empty delta sent as soon as
-  the request is accepted, so that callers learn about a bad request before any generation.
+  dicts (call with `handle.options(stream=True)`). A bad request raises before the first delta.
 - `complete(...)` / `chat(messages, ...)` -> one dict with the full text, finish reason and usage.
 - `score(prompt, continuations)` -> log-probabilities, `stats()`, `model_info()`.
 """

@@ -37,6 +37,10 @@ class PromptTooLongError(ValueError):
             )
         super().__init__(msg)
 
+    def __reduce__(self):
+        # Crosses process boundaries (replica -> gateway) with its numbers intact.
+        return (type(self), (self.prompt_tokens, self.max_model_len, self.max_tokens))
+
 
 @dataclass
 class SamplingParams:

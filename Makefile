@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch from local disk first: a plain `torch` requirement would pull CUDA.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# SGLang's frontend language only (agent programs): its full install pins another torch.
+	$(PY) -m pip install -q --no-deps sglang==0.5.23
+	$(PY) -m pip install -q orjson msgspec IPython setproctitle pybase64 pyzmq pillow
 	touch $(STAMP)
 
 serve: $(STAMP)

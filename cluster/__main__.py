@@ -18,7 +18,7 @@ from cluster.config import ConfigError, load_serve_config
 
 def _check(path: str) -> int:
     from autoscale.policy import describe as describe_replicas
-    from cluster.app import model_deployment_name
+    from cluster.app import agent_deployment_name, model_deployment_name
     from placement.resources import describe as describe_accelerator
 
     try:
@@ -39,6 +39,10 @@ def _check(path: str) -> int:
                 print(f"    engine_args: {m.engine_args}")
             if m.runtime_env:
                 print(f"    runtime_env: {m.runtime_env}")
+        for a in cfg.agents:
+            print(f"  {agent_deployment_name(a)}: SGLang program {a.program} -> model {a.model!r}")
+            print(f"    per replica: {a.cpus:g} CPU; {describe_replicas(a.replicas)}; "
+                  f"limits: {a.max_calls} generation calls, {a.timeout_s:g} s per run")
     return 0
 
 

@@ -123,8 +123,18 @@ class ModelSpec(_Strict):
 class AgentSpec(_Strict):
     name: str
     program: str = Field(description="import path of an @sgl.function, module:function")
-    model: str
+    model: str = Field(description="the base model its gen/select calls go to")
     replicas: ReplicaSpec = ReplicaSpec()
+    cpus: PositiveFloat = Field(default=0.1, description="CPUs per agent replica; programs mostly wait on the model")
+    max_calls: PositiveInt = Field(default=64, description="generation calls allowed per program run")
+    timeout_s: PositiveFloat = Field(default=120.0, description="wall-clock limit per program run")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v) or "/" in v:
+            raise ValueError("use letters, digits and . _ - only, starting with a letter or digit")
+        return v
 
     @field_validator("program")
     @classmethod
@@ -141,6 +151,7 @@ class GatewaySpec(_Strict):
     cpus: PositiveFloat = 0.25
     replicas: PositiveInt = 1
     request_timeout_s: PositiveFloat = 600.0
+    sglang_model: str | None = Field(default=None, description="the model behind SGLang's native API; default: the first model")
 
 
 class TandemConfig(_Strict):
@@ -156,6 +167,25 @@ class TandemConfig(_Strict):
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
         return models
+
+    @field_validator("agents")
+    @classmethod
+    def _unique_agents(cls, agents: list[AgentSpec]) -> list[AgentSpec]:
+        names = [a.name for a in agents]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"agent names must be unique; repeated: {', '.join(dupes)}")
+        return agents
+
+    @model_validator(mode="after")
+    def _references(self) -> "TandemConfig":
+        names = [m.name for m in self.models]
+        for a in self.agents:
+            if a.model not in names:
+                raise ValueError(f"agent {a.name!r} uses model {a.model!r}, which is not a model of this config; models: {', '.join(names)}")
+        if self.gateway.sglang_model is not None and self.gateway.sglang_model not in names:
+            raise ValueError(f"gateway.sglang_model {self.gateway.sglang_model!r} is not a model of this config; models: {', '.join(names)}")
+        return self
 
     def model(self, name: str) -> ModelSpec:
         return next(m for m in self.models if m.name == name)
@@ -189,11 +219,30 @@ def _semantic_problems(cfg: TandemConfig, root: str) -> list[str]:
                 f"{root}models[{i}].engine: {shown} is not available in this version of Tandem; "
                 f"allowed: {', '.join(AVAILABLE_ENGINES)} (or 'auto' with accelerator kind 'cpu')"
             )
-    if cfg.agents:
-        problems.append(
-            f"{root}agents: agent deployments are not available in this version of Tandem; use an empty list"
-        )
+    for i, a in enumerate(cfg.agents):
+        problem = _program_problem(a.program)
+        if problem:
+            problems.append(f"{root}agents[{i}].program: {a.program!r} {problem}")
     return problems
+
+
+def _program_problem(path: str) -> str | None:
+    """Programs are imported at check time, so a typo fails before Ray starts, not in a replica."""
+    import importlib
+
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is reported the same way
+        return f"cannot be imported: {type(e).__name__}: {e}"
+    program = getattr(module, attr, None)
+    if program is None:
+        return f"not found: module {module_name!r} has no attribute {attr!r}"
+    from sglang.lang.ir import SglFunction
+
+    if not isinstance(program, SglFunction):
+        return f"is a {type(program).__name__}, not an @sgl.function program"
+    return None
 
 
 def parse_args(args: dict[str, Any] | None, root: str = "") -> TandemConfig:

@@ -8,10 +8,12 @@ ingress methods to inject it.)
 """
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import os
 import time
+import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -20,6 +22,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from cluster import sglang_protocol
 from cluster.openai_protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -28,6 +31,7 @@ from cluster.openai_protocol import (
     ResponseRenderer,
     sse,
 )
+from cluster.config import AGENT_MODEL_PREFIX
 from deployments.engine import PromptTooLongError
 
 logger = logging.getLogger("ray.serve")
@@ -78,6 +82,7 @@ class _Choice:
         self.finish_reason: str | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.stop_reason = None
         self.first: dict | None = None  # the first delta, received before the response starts
 
     async def deltas(self) -> AsyncIterator[dict]:
@@ -91,7 +96,47 @@ class _Choice:
         self.prompt_tokens = delta["prompt_tokens"]
         self.completion_tokens = delta["completion_tokens"]
         self.finish_reason = delta["finish_reason"] or self.finish_reason
+        self.stop_reason = delta["stop_reason"] if delta["finish_reason"] else self.stop_reason
         return delta["text"]
+
+
+def _child_call(method, *args, **kwargs):
+    """`method.remote(...)` under a fresh Serve internal request id.
+
+    Calls made while serving a request inherit that request's internal id, and Ray Serve 2.60's
+    request router indexes its queued requests by that id: two concurrent calls of one HTTP request
+    (n > 1, a batch) queued at the same router collide and one never gets a replica. The gateway
+    cancels its child calls itself, so nothing relies on the inherited id.
+    """
+    from ray.serve import context
+
+    current = context._get_serve_request_context()
+    token = context._serve_request_context.set(dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
+    try:
+        return method.remote(*args, **kwargs)
+    finally:
+        context._serve_request_context.reset(token)
+
+
+def _agent_error(e: BaseException, name: str) -> OpenAIError:
+    """Bad arguments are the client's error (400); a failing or runaway program is the server's."""
+    from deployments.agent import AgentLimitError, AgentProgramError
+
+    if isinstance(e, AgentLimitError):
+        return OpenAIError(504 if e.limit == "timeout_s" else 500, str(e), type="server_error", code=f"agent_limit_{e.limit}")
+    if isinstance(e, AgentProgramError):
+        return OpenAIError(500, str(e), type="server_error", code="agent_program_error")
+    return _engine_error(e, "arguments")
+
+
+async def _json_object(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except Exception:  # noqa: BLE001 - any undecodable body is the client's error
+        raise OpenAIError(400, "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "The request body must be a JSON object.")
+    return body
 
 
 def _usage_totals(choices: list[_Choice], n: int) -> tuple[int, int]:
@@ -102,10 +147,20 @@ def _usage_totals(choices: list[_Choice], n: int) -> tuple[int, int]:
 @serve.deployment(name="Gateway")
 @serve.ingress(app)
 class Gateway:
-    def __init__(self, models: dict[str, DeploymentHandle], api_keys_env: str | None = None, request_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        models: dict[str, DeploymentHandle],
+        agents: dict[str, DeploymentHandle] | None = None,
+        api_keys_env: str | None = None,
+        request_timeout_s: float = 600.0,
+        sglang_model: str | None = None,
+    ):
         self.models = models
+        self.agents = agents or {}
         self.created = int(time.time())
         self.request_timeout_s = request_timeout_s
+        # The model behind SGLang's native API (an SGLang server serves exactly one).
+        self.sglang_model = sglang_model or next(iter(models))
         # Keys are read from the replica's environment, so they never appear in the config file.
         keys = os.environ.get(api_keys_env, "") if api_keys_env else ""
         self.api_keys = [k.strip() for k in keys.split(",") if k.strip()]
@@ -126,12 +181,7 @@ class Gateway:
 
     async def _parse(self, request: Request, model_cls):
         self._authorize(request)
-        try:
-            body = await request.json()
-        except Exception:  # noqa: BLE001 - any undecodable body is the client's error
-            raise OpenAIError(400, "The request body is not valid JSON.") from None
-        if not isinstance(body, dict):
-            raise OpenAIError(400, "The request body must be a JSON object.")
+        body = await _json_object(request)
         try:
             return model_cls.model_validate(body)
         except ValidationError as e:
@@ -151,7 +201,7 @@ class Gateway:
         """Start every choice's stream and wait for its first delta, so that a bad request fails
         here with a proper status before any response bytes are sent."""
         stream = handle.options(stream=True)
-        choices = [_Choice(i, stream.stream.remote(**job)) for i, job in enumerate(jobs)]
+        choices = [_Choice(i, _child_call(stream.stream, **job)) for i, job in enumerate(jobs)]
         try:
             firsts = await asyncio.wait_for(
                 asyncio.gather(*(c.gen.__anext__() for c in choices)), timeout=self.request_timeout_s
@@ -269,12 +319,15 @@ class Gateway:
     @app.get("/v1/models")
     async def list_models(self, request: Request):
         self._authorize(request)
-        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "tandem"} for name in sorted(self.models)]
+        ids = sorted(self.models) + [AGENT_MODEL_PREFIX + a for a in sorted(self.agents)]
+        data = [{"id": i, "object": "model", "created": self.created, "owned_by": "tandem"} for i in ids]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
+        if req.model.startswith(AGENT_MODEL_PREFIX):
+            return await self._agent_chat(req)
         self._handle(req.model)
         messages = req.chat_messages()
         jobs = [{"messages": messages, **req.sampling(i)} for i in range(req.n)]
@@ -292,3 +345,186 @@ class Gateway:
                 raise OpenAIError(400, "echo is only supported with text prompts", param="echo")
             echo = [p["prompt"] for p in prompts]
         return await self._respond("completion", req, jobs, "prompt", echo)
+
+    # -- SGLang's native API (for sgl.RuntimeEndpoint) ------------------------------------------
+
+    @app.get("/get_model_info")
+    async def sglang_model_info(self, request: Request):
+        self._authorize(request)
+        info = await self._handle(self.sglang_model).model_info.remote()
+        return {
+            "model_path": info["source"],
+            "tokenizer_path": info["source"],
+            "is_generation": True,
+            "served_model_name": self.sglang_model,
+            "max_context_length": info["max_model_len"],
+        }
+
+    @app.get("/server_info")
+    async def sglang_server_info(self, request: Request):
+        self._authorize(request)
+        handle = self._handle(self.sglang_model)
+        info, stats = await asyncio.gather(handle.model_info.remote(), handle.stats.remote())
+        return {
+            "model_path": info["source"],
+            "served_model_name": self.sglang_model,
+            "engine": info["engine"],
+            "context_length": info["max_model_len"],
+            "internal_states": [stats],
+        }
+
+    @app.post("/flush_cache")
+    async def sglang_flush_cache(self, request: Request):
+        self._authorize(request)
+        freed = await self._handle(self.sglang_model).flush_cache.remote()
+        return JSONResponse({"message": "Cache flushed.", "replica": freed["replica"], "freed_blocks": freed["freed_blocks"]})
+
+    @app.post("/generate")
+    async def sglang_generate(self, request: Request):
+        req: sglang_protocol.GenerateRequest = await self._parse(request, sglang_protocol.GenerateRequest)
+        req.check_supported()
+        handle = self._handle(self.sglang_model)
+        prompts = req.prompts()
+        rids = req.rid if isinstance(req.rid, list) else [req.rid] * len(prompts)
+        rids = [r or uuid.uuid4().hex for r in rids]
+        if req.sampling_params.max_new_tokens == 0:
+            # Prefill only: token counts, and prompt log-probs when asked (SGLang's `select`).
+            start = req.logprob_start_len if req.return_logprob else -1
+            try:
+                infos = await asyncio.gather(*(_child_call(handle.prompt_logprobs, **p, start=start) for p in prompts))
+            except Exception as e:  # noqa: BLE001 - mapped to an HTTP error
+                raise _engine_error(e, "text") from None
+            results = []
+            for rid, info in zip(rids, infos):
+                extra = {"input_token_logprobs": info["input_token_logprobs"], "output_token_logprobs": []} if req.return_logprob else {}
+                results.append({"text": "", "meta_info": sglang_protocol.meta_info(rid, info["prompt_tokens"], 0, {"type": "length", "length": 0}, **extra)})
+            return results if req.is_batch else results[0]
+
+        sampling = req.sampling_params.to_tandem()
+        choices = await self._start(handle, [{**p, **sampling} for p in prompts], "text")
+
+        def result(c: _Choice, rid: str) -> dict:
+            finish = sglang_protocol.finish_reason(c.finish_reason, c.stop_reason, c.completion_tokens)
+            return {"text": "".join(c.text), "meta_info": sglang_protocol.meta_info(rid, c.prompt_tokens, c.completion_tokens, finish)}
+
+        if req.stream:
+            async def events():
+                c = choices[0]
+                try:
+                    async for delta in c.deltas():
+                        c.take(delta)
+                        # SGLang streams the cumulative text with each event.
+                        yield sse(result(c, rids[0]))
+                    yield SSE_DONE
+                except Exception as e:  # noqa: BLE001 - reported in-stream
+                    yield sse(_engine_error(e, "text").body())
+                finally:
+                    c.gen.cancel()
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        await self._collect(choices, "text")
+        results = [result(c, rid) for c, rid in zip(choices, rids)]
+        return results if req.is_batch else results[0]
+
+    # -- agents: registered SGLang programs ------------------------------------------------------
+
+    def _agent(self, name: str) -> DeploymentHandle:
+        if name not in self.agents:
+            known = ", ".join(sorted(self.agents)) or "none"
+            raise OpenAIError(404, f"The agent '{name}' does not exist. Available agents: {known}.", param="agent", code="agent_not_found")
+        return self.agents[name]
+
+    async def _agent_run(self, name: str, arguments: dict) -> dict:
+        try:
+            return await asyncio.wait_for(self._agent(name).run.remote(arguments), timeout=self.request_timeout_s)
+        except Exception as e:  # noqa: BLE001 - mapped to an HTTP error
+            raise _agent_error(e, name) from None
+
+    async def _agent_events(self, name: str, arguments: dict) -> tuple[dict, DeploymentResponseGenerator]:
+        """Start a streamed program run; its first event arrives before the response starts, so
+        bad arguments still get a 400."""
+        gen = self._agent(name).options(stream=True).run_stream.remote(arguments)
+        try:
+            first = await asyncio.wait_for(gen.__anext__(), timeout=self.request_timeout_s)
+        except BaseException as e:
+            gen.cancel()
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise _agent_error(e, name) from None
+        return first, gen
+
+    @app.get("/v1/agents")
+    async def list_agents(self, request: Request):
+        self._authorize(request)
+        infos = await asyncio.gather(*(h.describe.remote() for h in self.agents.values()))
+        return {"object": "list", "data": [{"object": "agent", **info} for info in infos]}
+
+    @app.post("/v1/agents/{name}")
+    async def run_agent(self, name: str, request: Request):
+        self._authorize(request)
+        self._agent(name)
+        arguments = await _json_object(request)
+        stream = arguments.pop("stream", False)
+        if not isinstance(stream, bool):
+            raise OpenAIError(400, "stream must be true or false", param="stream")
+        if not stream:
+            return {"object": "agent.run", "agent": name, **await self._agent_run(name, arguments)}
+
+        first, gen = await self._agent_events(name, arguments)
+
+        async def events():
+            try:
+                yield sse(first)
+                async for event in gen:
+                    yield sse(event)
+                yield SSE_DONE
+            except Exception as e:  # noqa: BLE001 - reported in-stream
+                yield sse(_agent_error(e, name).body())
+            finally:
+                gen.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _agent_chat(self, req: ChatCompletionRequest):
+        """`model: "agent:<name>"`: the program runs on the conversation's last user message
+        (its `question`) and answers with its `answer`; all variables go in the `agent` field."""
+        name = req.model.removeprefix(AGENT_MODEL_PREFIX)
+        self._agent(name)
+        users = [m for m in req.chat_messages() if m["role"] == "user"]
+        if not users:
+            raise OpenAIError(400, "an agent conversation needs at least one user message", param="messages")
+        arguments = {"question": users[-1]["content"]}
+        renderer = ResponseRenderer("chat", req.model)
+        if not req.stream:
+            result = await self._agent_run(name, arguments)
+            body = renderer.full([{"text": str(result["answer"]), "finish_reason": "stop"}], 0, 0)
+            body.pop("usage")
+            return JSONResponse({**body, "agent": {"name": name, **{k: v for k, v in result.items() if k != "answer"}}})
+
+        first, gen = await self._agent_events(name, arguments)
+
+        async def chunks():
+            streamed = ""
+            try:
+                yield sse(renderer.chunk(0, text="", role=True))
+                event = first
+                while True:
+                    if event.get("variable") == "answer" and event.get("delta"):
+                        streamed += event["delta"]
+                        yield sse(renderer.chunk(0, text=event["delta"]))
+                    if event.get("done"):
+                        answer = str(event["answer"])
+                        if answer.startswith(streamed) and len(answer) > len(streamed):
+                            yield sse(renderer.chunk(0, text=answer[len(streamed):]))
+                        final = renderer.chunk(0, finish="stop")
+                        final["agent"] = {"name": name, **{k: v for k, v in event.items() if k not in ("done", "answer")}}
+                        yield sse(final)
+                        break
+                    event = await gen.__anext__()
+                yield SSE_DONE
+            except Exception as e:  # noqa: BLE001 - reported in-stream
+                yield sse(_agent_error(e, name).body())
+            finally:
+                gen.cancel()
+
+        return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -44,8 +44,10 @@ class _Request(BaseModel):
     user: str | None = None  # accepted for client compatibility; not used
     presence_penalty: float | None = Field(default=None, ge=0, le=0)
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)
+    response_format: ResponseFormat | None = None
     # Extensions (as in vLLM / SGLang), sent by the openai client through `extra_body`.
     top_k: int | None = Field(default=None, ge=0)
+    regex: str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
 
@@ -80,9 +82,45 @@ class _Request(BaseModel):
         }
         if self.seed is not None:
             s["seed"] = self.seed + index
+        if self.response_format is not None:
+            s.update(self.response_format.constraint())
+        if self.regex is not None:
+            if "json_schema" in s:
+                raise OpenAIError(400, "give regex or a JSON response_format, not both", param="regex")
+            s["regex"] = self.regex
         if self.max_new_tokens() is not None:
             s["max_tokens"] = self.max_new_tokens()
         return s
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    schema_: dict = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only allowed with it")
+        return self
+
+    def constraint(self) -> dict[str, str]:
+        """As the engine's constraint parameter: a JSON schema string (any object for json_object)."""
+        from deployments.constraints import JSON_OBJECT_SCHEMA
+
+        if self.type == "json_object":
+            return {"json_schema": JSON_OBJECT_SCHEMA}
+        if self.type == "json_schema":
+            return {"json_schema": json.dumps(self.json_schema.schema_)}
+        return {}
 
 
 class StreamOptions(BaseModel):

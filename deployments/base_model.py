@@ -57,6 +57,7 @@ class BaseModelServer:
         # downloaded to) that node's cache.
         model_path = str(await asyncio.to_thread(resolve_model_source, source))
         self.model_name = model_name
+        self.source = source
         self.engine_name = engine
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.engine = create_engine(engine, model_path, dict(engine_args or {}), self.tokenizer)
@@ -141,6 +142,26 @@ class BaseModelServer:
             raise ValueError("continuations must not be empty")
         return await self.engine.score(prompt, list(continuations))
 
+    async def prompt_logprobs(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None, start: int = 0) -> dict:
+        """Log-probabilities of the prompt's own tokens from position `start` on, as SGLang's
+        `input_token_logprobs`: [[logprob or None, token id, token text], ...]."""
+        if (prompt is None) == (prompt_token_ids is None):
+            raise ValueError("give exactly one of prompt or prompt_token_ids")
+        # Tokenized the way the engine tokenizes prompt text (the tokenizer's default specials).
+        ids = self.tokenizer(prompt)["input_ids"] if prompt is not None else list(prompt_token_ids)
+        start = len(ids) if start < 0 else min(start, len(ids))
+        logprobs = (await self.engine.prompt_logprobs([ids]))[0] if start < len(ids) else []
+        return {
+            "prompt_tokens": len(ids),
+            "input_token_logprobs": [
+                [logprobs[i], ids[i], self.tokenizer.decode([ids[i]])] for i in range(start, len(ids))
+            ],
+        }
+
+    async def flush_cache(self) -> dict:
+        """Drop this replica's reusable prefix cache (SGLang's /flush_cache)."""
+        return {"freed_blocks": await self.engine.flush_cache(), "replica": self.replica_id}
+
     async def stats(self) -> dict:
         return {**self.engine.stats().to_dict(), "replica": self.replica_id}
 
@@ -149,6 +170,7 @@ class BaseModelServer:
             "model": self.model_name,
             "engine": self.engine_name,
             "max_model_len": self.engine.max_model_len,
+            "source": self.source,
             "replica": self.replica_id,
         }
 

@@ -120,6 +120,16 @@ class Engine(abc.ABC):
         """Sum of the log-probabilities of each continuation's tokens given the prompt."""
 
     @abc.abstractmethod
+    async def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float | None]]:
+        """For each sequence, the log-probability of every token given the tokens before it
+        (None for the first token). Backs SGLang's `select` and `/generate` with `return_logprob`."""
+
+    async def flush_cache(self) -> int:
+        """Drop the prefix cache kept for reuse across requests; returns the blocks freed.
+        Engines without a cross-request cache have nothing to drop."""
+        return 0
+
+    @abc.abstractmethod
     def stats(self) -> EngineStats:
         """Current load, for routing and autoscaling."""
 

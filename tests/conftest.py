@@ -31,6 +31,11 @@ TEST_APP_ARGS = {
             "replicas": {"min": 1, "max": 1},
         },
     ],
+    # The built-in SGLang programs, as cluster.yaml registers them.
+    "agents": [
+        {"name": name, "program": f"deployments.programs:{name}", "model": "tiny-chat", "cpus": 0.05}
+        for name in ("multi_step_reasoning", "safe_response", "self_consistency")
+    ],
     "gateway": {"api_keys_env": "TANDEM_TEST_API_KEYS", "cpus": 0.1},
 }
 

@@ -101,7 +101,8 @@ class _Choice:
 
 
 def _child_call(method, *args, **kwargs):
-    """`method.remote(...)` under a fresh Serve internal request id.
+    """`method.remote(...)` under a fresh Serve internal request id. Every call the gateway makes to
+    a deployment goes through here.
 
     Calls made while serving a request inherit that request's internal id, and Ray Serve 2.60's
     request router indexes its queued requests by that id: two concurrent calls of one HTTP request
@@ -307,7 +308,7 @@ class Gateway:
     async def health(self):
         async def probe(name: str, handle: DeploymentHandle):
             try:
-                await asyncio.wait_for(handle.stats.remote(), timeout=5)
+                await asyncio.wait_for(_child_call(handle.stats), timeout=5)
                 return name, "ok"
             except Exception as e:  # noqa: BLE001 - any failure means unhealthy
                 return name, f"unavailable: {type(e).__name__}"
@@ -351,7 +352,7 @@ class Gateway:
     @app.get("/get_model_info")
     async def sglang_model_info(self, request: Request):
         self._authorize(request)
-        info = await self._handle(self.sglang_model).model_info.remote()
+        info = await _child_call(self._handle(self.sglang_model).model_info)
         return {
             "model_path": info["source"],
             "tokenizer_path": info["source"],
@@ -364,7 +365,7 @@ class Gateway:
     async def sglang_server_info(self, request: Request):
         self._authorize(request)
         handle = self._handle(self.sglang_model)
-        info, stats = await asyncio.gather(handle.model_info.remote(), handle.stats.remote())
+        info, stats = await asyncio.gather(_child_call(handle.model_info), _child_call(handle.stats))
         return {
             "model_path": info["source"],
             "served_model_name": self.sglang_model,
@@ -376,7 +377,7 @@ class Gateway:
     @app.post("/flush_cache")
     async def sglang_flush_cache(self, request: Request):
         self._authorize(request)
-        freed = await self._handle(self.sglang_model).flush_cache.remote()
+        freed = await _child_call(self._handle(self.sglang_model).flush_cache)
         return JSONResponse({"message": "Cache flushed.", "replica": freed["replica"], "freed_blocks": freed["freed_blocks"]})
 
     @app.post("/generate")
@@ -436,14 +437,14 @@ class Gateway:
 
     async def _agent_run(self, name: str, arguments: dict) -> dict:
         try:
-            return await asyncio.wait_for(self._agent(name).run.remote(arguments), timeout=self.request_timeout_s)
+            return await asyncio.wait_for(_child_call(self._agent(name).run, arguments), timeout=self.request_timeout_s)
         except Exception as e:  # noqa: BLE001 - mapped to an HTTP error
             raise _agent_error(e, name) from None
 
     async def _agent_events(self, name: str, arguments: dict) -> tuple[dict, DeploymentResponseGenerator]:
         """Start a streamed program run; its first event arrives before the response starts, so
         bad arguments still get a 400."""
-        gen = self._agent(name).options(stream=True).run_stream.remote(arguments)
+        gen = _child_call(self._agent(name).options(stream=True).run_stream, arguments)
         try:
             first = await asyncio.wait_for(gen.__anext__(), timeout=self.request_timeout_s)
         except BaseException as e:
@@ -456,7 +457,7 @@ class Gateway:
     @app.get("/v1/agents")
     async def list_agents(self, request: Request):
         self._authorize(request)
-        infos = await asyncio.gather(*(h.describe.remote() for h in self.agents.values()))
+        infos = await asyncio.gather(*(_child_call(h.describe) for h in self.agents.values()))
         return {"object": "list", "data": [{"object": "agent", **info} for info in infos]}
 
     @app.post("/v1/agents/{name}")

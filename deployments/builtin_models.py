@@ -42,11 +42,14 @@ COMPLETE_MARKER = ".tandem-builtin.json"
 class BuiltinModel:
     """A recipe for one built-in model. `build(out_dir)` writes a complete model directory into the
     (empty, existing) `out_dir`. Bump `version` whenever the recipe or its corpus changes, so caches
-    built by older code are not reused."""
+    built by older code are not reused. `fingerprint()`, if given, summarizes the recipe: a cached build
+    with another fingerprint means someone forgot that bump, and is reported (never silently rebuilt:
+    other processes may be serving from it)."""
 
     name: str
     version: int
     build: Callable[[Path], None]
+    fingerprint: Callable[[], str] | None = None
 
     @property
     def dir_name(self) -> str:
@@ -83,12 +86,12 @@ def ensure_builtin_model(name: str, cache_dir: Path | None = None) -> Path:
     models_dir = models_dir / "models"
     target = models_dir / spec.dir_name
     if _is_complete(target):  # fast path: no lock needed, a complete dir never changes
-        return target
+        return _checked(spec, target)
 
     models_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(models_dir / f".{spec.dir_name}.lock")):
         if _is_complete(target):  # another process built it while we waited for the lock
-            return target
+            return _checked(spec, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{spec.dir_name}.tmp-", dir=models_dir))
         try:
             start = time.perf_counter()
@@ -97,10 +100,15 @@ def ensure_builtin_model(name: str, cache_dir: Path | None = None) -> Path:
             info = {
                 "name": spec.name,
                 "version": spec.version,
+                "recipe": spec.fingerprint() if spec.fingerprint else None,
                 "build_seconds": round(seconds, 2),
                 "weights_sha256": weights_sha256(tmp),
             }
             (tmp / COMPLETE_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+            # mkdtemp makes a private (0700) dir: open it up like any model dir, for other users of the cache.
+            tmp.chmod(0o755)
+            for file in tmp.iterdir():
+                file.chmod(0o644)
             if target.exists():  # leftover without a marker (e.g. a manual copy): replace it
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -113,6 +121,20 @@ def ensure_builtin_model(name: str, cache_dir: Path | None = None) -> Path:
             BUILTIN_PREFIX, name, seconds, target, info["weights_sha256"][:16],
         )
     return target
+
+
+def _checked(spec: BuiltinModel, model_dir: Path) -> Path:
+    if spec.fingerprint is not None:
+        try:
+            built = json.loads((model_dir / COMPLETE_MARKER).read_text()).get("recipe")
+        except (OSError, ValueError):
+            built = None
+        if built != spec.fingerprint():
+            log.warning(
+                "%s%s at %s was built from another recipe than this code's (bump its version to rebuild)",
+                BUILTIN_PREFIX, spec.name, model_dir,
+            )
+    return model_dir
 
 
 def resolve_model_source(source: str) -> Path:
@@ -157,7 +179,8 @@ def weights_sha256(model_dir: Path) -> str:
 # tiny-chat
 # --------------------------------------------------------------------------------------------------
 
-TINY_CHAT_VERSION = 1
+# v1: first recipe (its tokenizer.json disagreed with how transformers loads qwen2 tokenizers).
+TINY_CHAT_VERSION = 2
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 # Special tokens come first in the trained vocab, so their ids are fixed: 0, 1, 2.
@@ -209,7 +232,7 @@ _MODEL_CONFIG = dict(
 # every trained answer is reproduced with a clear margin. After the main cosine schedule, any answers
 # still missing get a few repair epochs at the final (low) learning rate.
 _SEED = 1234
-_BATCH_SIZE = 8
+_BATCH_SIZE = 16  # few, larger steps: per-step overhead, not FLOPs, dominates on CPU at this size
 _LR = 2e-3
 _MIN_LR_FRACTION = 0.05
 _WARMUP_STEPS = 20
@@ -321,7 +344,8 @@ def _training_samples(tokenizer) -> list[_Sample]:
             prompt = [{"role": "system", "content": system}] if system else []
             prompt.append({"role": "user", "content": question})
             prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
+            conversation = prompt + [{"role": "assistant", "content": answer}]
+            full_text = tokenizer.apply_chat_template(conversation, tokenize=False)
             prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
             ids = tokenizer.encode(full_text, add_special_tokens=False)
             # The answer must start on a token boundary, exactly where serving's prompt ends.
@@ -397,7 +421,7 @@ def _unlearned_samples(model, samples: list[_Sample], pad_id: int) -> set[int]:
         for start in range(0, len(flat), 32):
             chunk = flat[start : start + 32]
             input_ids, _ = _pad([ids for _, ids, _ in chunk], pad_id)
-            probs = model(input_ids=input_ids).logits.float().softmax(-1)
+            probs = model(input_ids=input_ids, use_cache=False).logits.float().softmax(-1)
             for row, (index, ids, (a, b)) in enumerate(chunk):
                 # Logits at position t predict token t + 1.
                 targets = torch.tensor(ids[a:b])
@@ -423,7 +447,8 @@ def _write_configs(out_dir: Path, vocab_size: int):
         **_MODEL_CONFIG,
     )
     config.architectures = ["Qwen2ForCausalLM"]
-    config_dict = config.to_dict()
+    config.dtype = "float32"
+    config_dict = config.to_diff_dict()  # what save_pretrained writes: non-default values only
     # Also the legacy spellings, for engines that read config.json themselves (vLLM, LMDeploy, SGLang).
     config_dict["torch_dtype"] = "float32"
     config_dict.setdefault("rope_theta", _MODEL_CONFIG["rope_theta"])
@@ -432,7 +457,7 @@ def _write_configs(out_dir: Path, vocab_size: int):
     generation_config = GenerationConfig(
         bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False
     )
-    _write_json(out_dir / "generation_config.json", generation_config.to_dict())
+    _write_json(out_dir / "generation_config.json", generation_config.to_diff_dict())
     return config
 
 
@@ -446,7 +471,8 @@ def _train_and_save_weights(out_dir: Path, config, samples: list[_Sample]) -> No
         start = time.perf_counter()
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=_LR, betas=(0.9, 0.95), weight_decay=0.0)
+        # fused: one kernel for all parameters; the per-parameter loop costs ~10 ms of a ~60 ms step here.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=_LR, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
         rng = random.Random(_SEED)
         replay: set[int] = set()
         step = 0
@@ -461,7 +487,7 @@ def _train_and_save_weights(out_dir: Path, config, samples: list[_Sample]) -> No
                     group["lr"] = lr * min(1.0, (step + 1) / _WARMUP_STEPS)
                 # Right padding and no attention mask: causal attention never lets real tokens see the
                 # padding after them, and the padded positions carry no loss.
-                loss = model(input_ids=input_ids, labels=labels).loss
+                loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -485,10 +511,29 @@ def _train_and_save_weights(out_dir: Path, config, samples: list[_Sample]) -> No
         save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _tiny_chat_fingerprint() -> str:
+    """A short hash of everything the tiny-chat recipe depends on (data, shapes, hyperparameters)."""
+    from deployments import builtin_corpus
+
+    recipe = {
+        "corpus": [builtin_corpus.CHAT_PAIRS, builtin_corpus.SYSTEM_PROMPTS, builtin_corpus.TOKENIZER_EXTRA_TEXT],
+        "template": CHAT_TEMPLATE,
+        "special_tokens": SPECIAL_TOKENS,
+        "pretokenize": _QWEN2_PRETOKENIZE_REGEX,
+        "vocab_size": _VOCAB_SIZE,
+        "model": _MODEL_CONFIG,
+        "training": [_SEED, _BATCH_SIZE, _LR, _MIN_LR_FRACTION, _WARMUP_STEPS, _EPOCHS, _FIRST_CHECK,
+                     _CHECK_EVERY, _MAX_REPAIR_EPOCHS, _REPLAY, _MIN_TOKEN_PROB, _TRAIN_THREADS],
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "tiny-chat": BuiltinModel(name="tiny-chat", version=TINY_CHAT_VERSION, build=_build_tiny_chat),
+    "tiny-chat": BuiltinModel(
+        name="tiny-chat", version=TINY_CHAT_VERSION, build=_build_tiny_chat, fingerprint=_tiny_chat_fingerprint
+    ),
 }

@@ -19,9 +19,10 @@ TEST_APP_ARGS = {
             "name": "tiny-chat",
             "source": "builtin:tiny-chat",
             "engine": "transformers",
-            # Two replicas: answers must not depend on which one serves a request.
-            "accelerator": {"kind": "cpu", "cpus": 0.5},
-            "replicas": {"min": 2, "max": 2},
+            # Three replicas: answers must not depend on which one serves a request, and the calls
+            # of one agent run must stay on one of them.
+            "accelerator": {"kind": "cpu", "cpus": 0.3},
+            "replicas": {"min": 3, "max": 3},
         },
         {
             "name": "tiny-chat-b",

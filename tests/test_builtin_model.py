@@ -100,7 +100,11 @@ def test_model_dir_has_expected_files(model_dir, tandem_cache):
     assert total < 16 * 1024 * 1024, f"built model is {total} bytes"
     marker = json.loads((model_dir / COMPLETE_MARKER).read_text())
     assert marker["name"] == "tiny-chat" and marker["version"] == builtin_models.TINY_CHAT_VERSION
+    assert marker["recipe"] == BUILTIN_MODELS["tiny-chat"].fingerprint()
     print(f"tiny-chat build took {marker['build_seconds']} s")
+    # Readable by other users of a shared cache (the temp build dir starts out private).
+    assert model_dir.stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in model_dir.iterdir())
 
 
 def test_config(model_dir, tokenizer):
@@ -108,7 +112,7 @@ def test_config(model_dir, tokenizer):
 
     raw = json.loads((model_dir / "config.json").read_text())
     assert raw["architectures"] == ["Qwen2ForCausalLM"]
-    assert raw["torch_dtype"] == "float32"
+    assert raw["torch_dtype"] == raw["dtype"] == "float32"
     config = AutoConfig.from_pretrained(str(model_dir))
     assert config.model_type == "qwen2"
     assert config.head_dim == 128
@@ -223,6 +227,16 @@ def test_greedy_chinese_long_answer(model, tokenizer):
     assert any("\ufffd" in tokenizer.decode(ids[:n]) for n in range(1, len(ids)))
 
 
+def test_greedy_answers_survive_bf16(model_dir, tokenizer):
+    # GPU engines may run the model in bf16/fp16: training leaves a wide enough margin for that.
+    from transformers import AutoModelForCausalLM
+
+    bf16 = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
+    for question, answer in [("What is 7 * 6?", "7 * 6 = 42."), ("你好", "你好！我是一个小模型。")]:
+        ids = greedy(bf16, tokenizer, [{"role": "user", "content": question}])
+        assert tokenizer.decode(ids) == answer + "<|im_end|>"
+
+
 def test_greedy_is_repeatable(model, tokenizer):
     messages = [{"role": "user", "content": "Tell me a story."}]
     first = greedy(model, tokenizer, messages, max_new_tokens=80)
@@ -304,6 +318,21 @@ def test_ensure_builds_once_and_replaces_stale_dirs(tmp_path, monkeypatch):
     assert ensure_builtin_model("fake", cache_dir=tmp_path) == path
     assert len(calls) == 1
     assert sorted(p.name for p in path.parent.iterdir()) == [".fake-v3.lock", "fake-v3"]
+
+
+def test_stale_recipe_is_reported(tmp_path, monkeypatch, caplog):
+    calls: list = []
+    monkeypatch.setitem(BUILTIN_MODELS, "fake", BuiltinModel("fake", 1, _fake_builder(calls), lambda: "recipe-a"))
+    path = ensure_builtin_model("fake", cache_dir=tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=builtin_models.__name__):
+        ensure_builtin_model("fake", cache_dir=tmp_path)
+        assert not caplog.records
+        # The recipe changed but its version was not bumped: the cached build is kept, with a warning.
+        monkeypatch.setitem(BUILTIN_MODELS, "fake", BuiltinModel("fake", 1, _fake_builder(calls), lambda: "recipe-b"))
+        assert ensure_builtin_model("fake", cache_dir=tmp_path) == path
+    assert len(calls) == 1
+    assert "another recipe" in caplog.text
 
 
 def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def test_chat_greedy_is_deterministic_and_ends_with_stop(client):
     assert choice.finish_reason == "stop"
     assert first.usage.prompt_tokens > 0 and first.usage.completion_tokens > 0
     assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
-    # Same greedy answer on every call, whichever of the two replicas serves it.
+    # Same greedy answer on every call, whichever of the three replicas serves it.
     for _ in range(4):
         again = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=64)
         assert again.choices[0].message.content == choice.message.content
@@ -199,9 +199,14 @@ def test_bad_json_is_400(base_url):
 def test_handle_calls(model_handle):
     answer = model_handle.chat.remote(QUESTION, temperature=0, max_tokens=64).result()
     assert answer["finish_reason"] == "stop" and answer["text"]
-    replicas = {model_handle.chat.remote(QUESTION, temperature=0, max_tokens=64).result()["replica"] for _ in range(16)}
+    replicas = {model_handle.chat.remote(QUESTION, temperature=0, max_tokens=64).result()["replica"] for _ in range(32)}
     texts = {model_handle.chat.remote(QUESTION, temperature=0, max_tokens=64).result()["text"] for _ in range(4)}
     assert texts == {answer["text"]}
-    assert len(replicas) == 2, "requests should spread over both replicas"
+    assert len(replicas) == 3, "requests without a session id spread over all replicas"
     scores = model_handle.score.remote("The capital of France is", [" Paris.", " zebra banana"]).result()
     assert scores[0] > scores[1]
+    deltas = list(model_handle.options(stream=True).stream.remote(prompt="The capital of France is", max_tokens=8, temperature=0))
+    assert deltas[-1]["finish_reason"] in ("stop", "length") and deltas[-1]["completion_tokens"] <= 8
+    assert set(model_handle.stats.remote().result()) >= {"running", "waiting", "kv_cache_usage", "tokens_per_s"}
+    with pytest.raises(ValueError, match="temperature"):
+        model_handle.chat.remote(QUESTION, temperature=-1).result()

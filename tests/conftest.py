@@ -51,6 +51,11 @@ def free_port() -> int:
 def ray_cluster():
     import ray
 
+    from deployments.builtin_models import resolve_model_source
+
+    # Build the built-in model once, here, rather than inside a replica's start-up (where the
+    # others would wait on its lock).
+    resolve_model_source("builtin:tiny-chat")
     # More logical CPUs than cores: replicas take fractional CPUs and mostly wait on each other.
     ray.init(
         num_cpus=8,

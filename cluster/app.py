@@ -57,7 +57,7 @@ def agent_deployment_options(agent: AgentSpec) -> dict[str, Any]:
 def build(cfg: TandemConfig) -> Application:
     models = {
         m.name: BaseModelDeployment.options(**model_deployment_options(m)).bind(
-            m.name, m.source, m.resolved_engine, m.engine_args
+            m.name, m.source, m.resolved_engine, m.engine_args, stream_interval_ms=m.stream_interval_ms
         )
         for m in cfg.models
     }
@@ -71,7 +71,11 @@ def build(cfg: TandemConfig) -> Application:
             )
             for a in cfg.agents
         }
-    gateway_options = {"num_replicas": cfg.gateway.replicas, "ray_actor_options": {"num_cpus": cfg.gateway.cpus}}
+    gateway_options = {
+        "num_replicas": cfg.gateway.replicas,
+        "max_ongoing_requests": cfg.gateway.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": cfg.gateway.cpus},
+    }
     return Gateway.options(**gateway_options).bind(
         models,
         agents,

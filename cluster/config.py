@@ -95,6 +95,10 @@ class ModelSpec(_Strict):
     engine_args: dict[str, Any] = Field(default_factory=dict)
     replicas: ReplicaSpec = ReplicaSpec()
     runtime_env: dict[str, Any] = Field(default_factory=dict)
+    stream_interval_ms: float = Field(
+        default=20.0, ge=0, le=1000,
+        description="after the first token, stream deltas merged per this interval (0: one message per token)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -150,6 +154,8 @@ class GatewaySpec(_Strict):
     )
     cpus: PositiveFloat = 0.25
     replicas: PositiveInt = 1
+    # The gateway only waits on I/O: Serve's default of 5 requests per replica would queue clients.
+    max_ongoing_requests: PositiveInt = 1024
     request_timeout_s: PositiveFloat = 600.0
     sglang_model: str | None = Field(default=None, description="the model behind SGLang's native API; default: the first model")
 

@@ -45,10 +45,20 @@ def _delta_dict(delta: Delta) -> dict:
     return dataclasses.asdict(delta)
 
 
+def _merge(deltas: list[Delta]) -> Delta | None:
+    """Consecutive deltas of one request as one (running totals and finish come from the last)."""
+    if not deltas:
+        return None
+    last = deltas[-1]
+    return dataclasses.replace(last, text="".join(d.text for d in deltas), token_ids=[t for d in deltas for t in d.token_ids])
+
+
 class BaseModelServer:
     """One replica: loads the tokenizer (for chat templates) and one engine."""
 
-    async def __init__(self, model_name: str, source: str, engine: str, engine_args: dict | None = None):
+    async def __init__(
+        self, model_name: str, source: str, engine: str, engine_args: dict | None = None, stream_interval_ms: float = 0.0
+    ):
         from transformers import AutoTokenizer
 
         from deployments.builtin_models import resolve_model_source
@@ -58,6 +68,7 @@ class BaseModelServer:
         model_path = str(await asyncio.to_thread(resolve_model_source, source))
         self.model_name = model_name
         self.source = source
+        self.stream_interval_s = stream_interval_ms / 1000
         self.engine_name = engine
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.engine = create_engine(engine, model_path, dict(engine_args or {}), self.tokenizer)
@@ -100,13 +111,52 @@ class BaseModelServer:
     ) -> AsyncIterator[dict]:
         request = self._request(prompt, messages, prompt_token_ids, request_id, sampling)
         deltas = self.engine.generate(request)
+        if self.stream_interval_s <= 0:
+            try:
+                async for delta in deltas:
+                    yield _delta_dict(delta)
+            finally:
+                await deltas.aclose()
+            return
+        # Every yielded item is one Ray message to the caller (and on to the HTTP proxy): under load,
+        # one message per token costs more than decoding it. The first delta goes out at once (time to
+        # first token); after it, deltas produced within `stream_interval_s` go out merged.
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump():
+            try:
+                async for delta in deltas:
+                    queue.put_nowait(delta)
+                queue.put_nowait(None)
+            except BaseException as e:  # noqa: BLE001 - re-raised to the consumer below
+                queue.put_nowait(e)
+            finally:
+                # Closing the engine's iterator cancels the request there and frees its slot, also
+                # when our caller went away (client disconnect -> Serve cancels this generator).
+                await deltas.aclose()
+
+        task = asyncio.create_task(pump())
+        loop = asyncio.get_running_loop()
         try:
-            async for delta in deltas:
-                yield _delta_dict(delta)
+            first, finished = True, False
+            while not finished:
+                batch = [await queue.get()]
+                deadline = loop.time() + (0 if first else self.stream_interval_s)
+                while batch[-1] is not None and not isinstance(batch[-1], BaseException) and batch[-1].finish_reason is None:
+                    try:
+                        batch.append(await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time())))
+                    except asyncio.TimeoutError:
+                        break
+                first = False
+                if isinstance(batch[-1], BaseException):
+                    raise batch[-1]
+                finished = batch[-1] is None or batch[-1].finish_reason is not None
+                merged = _merge([d for d in batch if d is not None])
+                if merged is not None:
+                    yield _delta_dict(merged)
         finally:
-            # Closing the engine's iterator cancels the request there and frees its slot, also when
-            # our caller went away (client disconnect -> Serve cancels this generator).
-            await deltas.aclose()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def complete(
         self,

@@ -165,23 +165,15 @@ class TandemConfig(_Strict):
     agents: list[AgentSpec] = Field(default_factory=list)
     gateway: GatewaySpec = GatewaySpec()
 
-    @field_validator("models")
+    @field_validator("models", "agents")
     @classmethod
-    def _unique_names(cls, models: list[ModelSpec]) -> list[ModelSpec]:
-        names = [m.name for m in models]
+    def _unique_names(cls, specs: list, info) -> list:
+        names = [spec.name for spec in specs]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
-        return models
-
-    @field_validator("agents")
-    @classmethod
-    def _unique_agents(cls, agents: list[AgentSpec]) -> list[AgentSpec]:
-        names = [a.name for a in agents]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"agent names must be unique; repeated: {', '.join(dupes)}")
-        return agents
+            kind = "model" if info.field_name == "models" else "agent"
+            raise ValueError(f"{kind} names must be unique; repeated: {', '.join(dupes)}")
+        return specs
 
     @model_validator(mode="after")
     def _references(self) -> "TandemConfig":

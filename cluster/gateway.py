@@ -100,6 +100,10 @@ class _Choice:
         return delta["text"]
 
 
+def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def _child_call(method, *args, **kwargs):
     """`method.remote(...)` under a fresh Serve internal request id. Every call the gateway makes to
     a deployment goes through here.
@@ -294,7 +298,7 @@ class Gateway:
                 body = with_echo()
             else:
                 body = self._sse(renderer, choices, include_usage, req.n, prompt_param)
-            return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _sse_response(body)
         await self._collect(choices, prompt_param)
         result = renderer.full(
             [{"text": "".join(c.text), "finish_reason": c.finish_reason} for c in choices],
@@ -422,7 +426,7 @@ class Gateway:
                 finally:
                     c.gen.cancel()
 
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _sse_response(events())
         await self._collect(choices, "text")
         results = [result(c, rid) for c, rid in zip(choices, rids)]
         return results if req.is_batch else results[0]
@@ -484,7 +488,7 @@ class Gateway:
             finally:
                 gen.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _sse_response(events())
 
     async def _agent_chat(self, req: ChatCompletionRequest):
         """`model: "agent:<name>"`: the program runs on the conversation's last user message
@@ -528,4 +532,4 @@ class Gateway:
             finally:
                 gen.cancel()
 
-        return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _sse_response(chunks())

@@ -104,6 +104,19 @@ def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+async def _guarded(events: AsyncIterator[str], to_error, cleanup) -> AsyncIterator[str]:
+    """An SSE body: the events, then [DONE]; a failure mid-stream is sent as an error event (the
+    status line is long gone), and `cleanup` (cancelling the upstream call) runs however it ends."""
+    try:
+        async for event in events:
+            yield event
+        yield SSE_DONE
+    except Exception as e:  # noqa: BLE001 - reported in-stream
+        yield sse(to_error(e).body())
+    finally:
+        cleanup()
+
+
 def _child_call(method, *args, **kwargs):
     """`method.remote(...)` under a fresh Serve internal request id. Every call the gateway makes to
     a deployment goes through here.
@@ -415,18 +428,12 @@ class Gateway:
         if req.stream:
             async def events():
                 c = choices[0]
-                try:
-                    async for delta in c.deltas():
-                        c.take(delta)
-                        # SGLang streams the cumulative text with each event.
-                        yield sse(result(c, rids[0]))
-                    yield SSE_DONE
-                except Exception as e:  # noqa: BLE001 - reported in-stream
-                    yield sse(_engine_error(e, "text").body())
-                finally:
-                    c.gen.cancel()
+                async for delta in c.deltas():
+                    c.take(delta)
+                    # SGLang streams the cumulative text with each event.
+                    yield sse(result(c, rids[0]))
 
-            return _sse_response(events())
+            return _sse_response(_guarded(events(), lambda e: _engine_error(e, "text"), choices[0].gen.cancel))
         await self._collect(choices, "text")
         results = [result(c, rid) for c, rid in zip(choices, rids)]
         return results if req.is_batch else results[0]
@@ -478,17 +485,11 @@ class Gateway:
         first, gen = await self._agent_events(name, arguments)
 
         async def events():
-            try:
-                yield sse(first)
-                async for event in gen:
-                    yield sse(event)
-                yield SSE_DONE
-            except Exception as e:  # noqa: BLE001 - reported in-stream
-                yield sse(_agent_error(e, name).body())
-            finally:
-                gen.cancel()
+            yield sse(first)
+            async for event in gen:
+                yield sse(event)
 
-        return _sse_response(events())
+        return _sse_response(_guarded(events(), lambda e: _agent_error(e, name), gen.cancel))
 
     async def _agent_chat(self, req: ChatCompletionRequest):
         """`model: "agent:<name>"`: the program runs on the conversation's last user message
@@ -510,26 +511,20 @@ class Gateway:
 
         async def chunks():
             streamed = ""
-            try:
-                yield sse(renderer.chunk(0, text="", role=True))
-                event = first
-                while True:
-                    if event.get("variable") == "answer" and event.get("delta"):
-                        streamed += event["delta"]
-                        yield sse(renderer.chunk(0, text=event["delta"]))
-                    if event.get("done"):
-                        answer = str(event["answer"])
-                        if answer.startswith(streamed) and len(answer) > len(streamed):
-                            yield sse(renderer.chunk(0, text=answer[len(streamed):]))
-                        final = renderer.chunk(0, finish="stop")
-                        final["agent"] = {"name": name, **{k: v for k, v in event.items() if k not in ("done", "answer")}}
-                        yield sse(final)
-                        break
-                    event = await gen.__anext__()
-                yield SSE_DONE
-            except Exception as e:  # noqa: BLE001 - reported in-stream
-                yield sse(_agent_error(e, name).body())
-            finally:
-                gen.cancel()
+            yield sse(renderer.chunk(0, text="", role=True))
+            event = first
+            while True:
+                if event.get("variable") == "answer" and event.get("delta"):
+                    streamed += event["delta"]
+                    yield sse(renderer.chunk(0, text=event["delta"]))
+                if event.get("done"):
+                    answer = str(event["answer"])
+                    if answer.startswith(streamed) and len(answer) > len(streamed):
+                        yield sse(renderer.chunk(0, text=answer[len(streamed):]))
+                    final = renderer.chunk(0, finish="stop")
+                    final["agent"] = {"name": name, **{k: v for k, v in event.items() if k not in ("done", "answer")}}
+                    yield sse(final)
+                    return
+                event = await gen.__anext__()
 
-        return _sse_response(chunks())
+        return _sse_response(_guarded(chunks(), lambda e: _agent_error(e, name), gen.cancel))

@@ -25,7 +25,15 @@ from deployments.constraints import (
     apply_bitmask_torch,
     json_object_schema,
 )
-from tests.engine_helpers import chat_prompt, collect, engine, make_request, model_path, tokenizer  # noqa: F401 - fixtures
+from tests.engine_helpers import (  # noqa: F401 - fixtures
+    chat_prompt,
+    collect,
+    engine,
+    make_request,
+    model_path,
+    record_batch_rows,
+    tokenizer,
+)
 from deployments.engine import GenerationRequest, SamplingParams
 from deployments.transformers_engine import TransformersEngine
 
@@ -272,14 +280,7 @@ async def test_constrained_and_unconstrained_requests_share_batches(engine, toke
         make_request(chat_prompt(tokenizer, QUESTIONS[5]), max_tokens=16, temperature=0.0, regex=REGEX_INT),
     ]
     alone = [(await collect(engine, r))[2] for r in requests]
-    rows_per_step = []
-    prepare = engine._processor.prepare_tensor_args
-
-    def spy(requests_with_new_token):
-        rows_per_step.append(len(requests_with_new_token))
-        return prepare(requests_with_new_token)
-
-    monkeypatch.setattr(engine._processor, "prepare_tensor_args", spy)
+    rows_per_step = record_batch_rows(engine, monkeypatch)
     together = await asyncio.gather(*(collect(engine, r) for r in requests))
     assert max(rows_per_step) == len(requests)
     assert [ids for _, _, ids in together] == alone

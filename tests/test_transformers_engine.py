@@ -11,7 +11,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deployments.builtin_corpus import CHAT_PAIRS
 from deployments.builtin_models import resolve_model_source
-from tests.engine_helpers import chat_prompt, collect, engine, make_request, model_path, tokenizer  # noqa: F401 - fixtures
+from tests.engine_helpers import (  # noqa: F401 - fixtures
+    chat_prompt,
+    collect,
+    engine,
+    make_request,
+    model_path,
+    record_batch_rows,
+    tokenizer,
+)
 from deployments.engine import EngineError, GenerationRequest, PromptTooLongError, SamplingParams
 from deployments.transformers_engine import TransformersEngine, _gumbel_sample_scores, _RequestSlot
 
@@ -204,14 +212,7 @@ async def test_prompt_as_text_or_token_ids_is_the_same(engine, tokenizer):
 async def test_sixteen_plus_concurrent_requests_are_batched_and_correct(
     engine, reference_model, tokenizer, monkeypatch
 ):
-    rows_per_step = []
-    prepare = engine._processor.prepare_tensor_args
-
-    def spy(requests_with_new_token):
-        rows_per_step.append(len(requests_with_new_token))
-        return prepare(requests_with_new_token)
-
-    monkeypatch.setattr(engine._processor, "prepare_tensor_args", spy)
+    rows_per_step = record_batch_rows(engine, monkeypatch)
     prompts = [chat_prompt(tokenizer, q) for q in QUESTIONS[:20]]
     expected = [_hf_greedy(reference_model, tokenizer, p, 12) for p in prompts]
     results = await asyncio.gather(

@@ -18,20 +18,12 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from deployments.engine import Delta, Engine, GenerationRequest, SamplingParams
+from deployments.engine import Delta, GenerationRequest, SamplingParams
+from deployments.engine_registry import create_engine
 
 logger = logging.getLogger("ray.serve")
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
-
-
-def create_engine(name: str, model_path: str, engine_args: dict, tokenizer) -> Engine:
-    """The engine registry: config name -> adapter class (imported lazily, each has heavy deps)."""
-    if name == "transformers":
-        from deployments.transformers_engine import TransformersEngine
-
-        return TransformersEngine(model_path, engine_args, tokenizer=tokenizer)
-    raise ValueError(f"engine {name!r} is not available in this version of Tandem")
 
 
 def sampling_from_kwargs(kwargs: dict[str, Any]) -> SamplingParams:

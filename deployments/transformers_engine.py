@@ -276,6 +276,27 @@ def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def check_engine_args(engine_args: dict, device_count: int = 1, hf_config: dict | None = None) -> None:
+    """The checks that need no model files (also run by `python -m cluster check`)."""
+    args = engine_args
+    if device_count != 1:
+        raise ValueError(f"the transformers engine runs on one device; accelerator.count must be 1, got {device_count}")
+    unknown = sorted(set(args) - set(_ENGINE_ARG_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"unknown engine_args for the transformers engine: {unknown}; allowed: {sorted(_ENGINE_ARG_DEFAULTS)}"
+        )
+    resolved = {**_ENGINE_ARG_DEFAULTS, **args}
+    for key in _POSITIVE_INT_ARGS:
+        value = resolved[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"engine_args.{key} must be a positive integer, got {value!r}")
+    if resolved["dtype"] not in _DTYPES:
+        raise ValueError(f"engine_args.dtype must be one of {sorted(_DTYPES)}, got {resolved['dtype']!r}")
+    if not isinstance(resolved["enable_prefix_caching"], bool):
+        raise ValueError("engine_args.enable_prefix_caching must be a boolean")
+
+
 class TransformersEngine(Engine):
     """transformers continuous batching on CPU (or any torch device), see the module docstring.
 
@@ -286,8 +307,9 @@ class TransformersEngine(Engine):
 
     name = "transformers"
 
-    def __init__(self, model_path: str | Path, engine_args: dict | None = None, tokenizer=None):
+    def __init__(self, model_path: str | Path, engine_args: dict | None = None, tokenizer=None, device_count: int = 1):
         self._model_path = str(model_path)
+        check_engine_args(dict(engine_args or {}), device_count)
         self._args = self._resolve_args(dict(engine_args or {}))
         self._tokenizer = tokenizer
         self._model = None
@@ -301,21 +323,7 @@ class TransformersEngine(Engine):
         self._constraints: GrammarConstraints | None = None
 
     def _resolve_args(self, args: dict) -> dict:
-        unknown = sorted(set(args) - set(_ENGINE_ARG_DEFAULTS))
-        if unknown:
-            raise ValueError(
-                f"unknown engine_args for the transformers engine: {unknown}; allowed: {sorted(_ENGINE_ARG_DEFAULTS)}"
-            )
         resolved = {**_ENGINE_ARG_DEFAULTS, **args}
-        for key in _POSITIVE_INT_ARGS:
-            value = resolved[key]
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"engine_args.{key} must be a positive integer, got {value!r}")
-        if resolved["dtype"] not in _DTYPES:
-            raise ValueError(f"engine_args.dtype must be one of {sorted(_DTYPES)}, got {resolved['dtype']!r}")
-        if not isinstance(resolved["enable_prefix_caching"], bool):
-            raise ValueError("engine_args.enable_prefix_caching must be a boolean")
-
         config = AutoConfig.from_pretrained(self._model_path).get_text_config()
         limit = config.max_position_embeddings
         if resolved["max_model_len"] is None:

@@ -1,10 +1,12 @@
-"""One real local Ray cluster and one Tandem application per test session."""
+"""One real local multi-node Ray cluster and one Tandem application per test session."""
 
 from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,6 +43,41 @@ TEST_APP_ARGS = {
 }
 
 
+# The session cluster is a real multi-node Ray cluster (ray.cluster_utils.Cluster: one raylet per
+# node, all on this machine): a CPU head, plus two workers that stand in for accelerator nodes.
+# Ray takes declared GPUs / NPUs at face value; an accelerator type is the node resource
+# `accelerator_type:<type>` (what Ray sets on real GPU/NPU nodes), labels are Ray node labels.
+HEAD_NODE = {
+    "num_cpus": 8,
+    "object_store_memory": 256 * 1024**2,
+    # A lost node is declared dead after 5 failed health checks: 1 s apart here (3 s by default).
+    "_system_config": {"health_check_period_ms": 1000},
+}
+GPU_LABELS = {"tandem/accelerator": "H100", "tandem/kind": "gpu"}
+NPU_LABELS = {"tandem/accelerator": "Ascend910B", "tandem/kind": "npu"}
+GPU_NODE = {"num_cpus": 2, "num_gpus": 4, "resources": {"accelerator_type:H100": 1}, "labels": GPU_LABELS}
+NPU_NODE = {"num_cpus": 2, "resources": {"NPU": 8, "accelerator_type:Ascend910B": 1}, "labels": NPU_LABELS}
+# Serve's controller puts "replicas not scheduled after N s" (with the resources they need) into
+# the deployment status; 30 s by default. Read by the controller at start-up.
+os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "5")
+os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S", "5")
+
+
+@dataclass
+class MultiNode:
+    cluster: Any  # ray.cluster_utils.Cluster
+    head: Any  # ray._private.node.Node
+    gpu: Any
+    npu: Any
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_node(self, **node_args):
+        return self.cluster.add_node(**{"object_store_memory": 80 * 1024**2, **node_args})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,31 +93,58 @@ def ray_cluster():
     # Build the built-in model once, here, rather than inside a replica's start-up (where the
     # others would wait on its lock).
     resolve_model_source("builtin:tiny-chat")
+    from ray.cluster_utils import Cluster
+
     # More logical CPUs than cores: replicas take fractional CPUs and mostly wait on each other.
+    # CPU-only replicas may land on any node; GPU/NPU-tagged ones only on the workers that have them.
+    cluster = Cluster(initialize_head=True, head_node_args={**HEAD_NODE, "include_dashboard": False})
+    gpu = cluster.add_node(**GPU_NODE)
+    npu = cluster.add_node(**NPU_NODE)
     ray.init(
-        num_cpus=8,
-        include_dashboard=False,
+        address=cluster.address,
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
         log_to_driver=False,
     )
+    global _MULTINODE
+    _MULTINODE = MultiNode(cluster, cluster.head_node, gpu, npu)
     yield ray
     from ray import serve
 
     serve.shutdown()
     ray.shutdown()
+    cluster.shutdown()
+
+
+_MULTINODE: MultiNode | None = None
 
 
 @pytest.fixture(scope="session")
-def tandem_app(ray_cluster):
+def multinode(ray_cluster) -> MultiNode:
+    """The session cluster's nodes: `head`, `gpu` (4 GPU, H100), `npu` (8 NPU, Ascend910B)."""
+    assert _MULTINODE is not None
+    return _MULTINODE
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster) -> str:
+    """Serve started on the session cluster, its HTTP proxy on a loopback port. Yields the URL."""
+    from ray import serve
+
+    port = free_port()
+    # One proxy, on the head: every node of this cluster shares the machine's address and port.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def tandem_app(serve_url):
     """The Tandem application served over real HTTP on a loopback port. Yields the base URL."""
     from ray import serve
 
     from cluster.app import build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(TEST_APP_ARGS), name="tandem", route_prefix="/", blocking=False)
-    yield f"http://127.0.0.1:{port}"
+    yield serve_url
     serve.delete("tandem")
 
 

@@ -6,15 +6,19 @@ STAMP := $(VENV)/.tandem-installed
 
 .PHONY: serve test bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch from local disk first: a plain `torch` requirement would pull CUDA.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	# SGLang's frontend language only (agent programs): its full install pins another torch.
-	$(PY) -m pip install -q --no-deps sglang==0.5.23
-	$(PY) -m pip install -q orjson msgspec IPython setproctitle pybase64 pyzmq pillow
+	# SGLang and LMDeploy without their dependencies: each pins a torch of its own (sglang ==2.14.1,
+	# lmdeploy <=2.12.1). Here they give agent programs SGLang's frontend, and `check` / the adapter
+	# tests their real config and output classes; GPU replicas get full installs in their own
+	# runtime_env (README: Engines).
+	$(PY) -m pip install -q --no-deps sglang==0.5.23 lmdeploy==0.18.0
+	$(PY) -m pip install -q orjson msgspec IPython setproctitle pybase64 pyzmq pillow \
+		mmengine-lite shortuuid fire partial_json_parser openai_harmony
 	touch $(STAMP)
 
 serve: $(STAMP)

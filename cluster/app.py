@@ -8,22 +8,25 @@ counts and autoscaling from `autoscale/`.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from autoscale.policy import deployment_scaling_options
-from cluster.config import AgentSpec, ModelSpec, TandemConfig, parse_args
+from cluster.config import (
+    AgentSpec,
+    PoolPlan,
+    ReplicaSpec,
+    ServingPlan,
+    TandemConfig,
+    agent_own_model,
+    model_pools,
+    parse_args,
+)
 from cluster.gateway import Gateway
 from deployments.base_model import BaseModelDeployment
 from placement.resources import replica_options
-
-
-def model_deployment_name(model: ModelSpec) -> str:
-    # Serve deployment names are also metric tags and log file names: keep them plain.
-    return "BaseModel-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model.name)
 
 
 # Session affinity for base models: every call of one agent run carries the run's session id and
@@ -35,11 +38,34 @@ BASE_MODEL_ROUTER = RequestRouterConfig(
 )
 
 
-def model_deployment_options(model: ModelSpec) -> dict[str, Any]:
-    options = {**replica_options(model.accelerator), **deployment_scaling_options(model.replicas)}
-    if model.runtime_env:
-        options["ray_actor_options"]["runtime_env"] = dict(model.runtime_env)
-    return {"name": model_deployment_name(model), "request_router_config": BASE_MODEL_ROUTER, **options}
+def _serving_options(plan: ServingPlan, replicas: ReplicaSpec) -> dict[str, Any]:
+    options = {
+        **replica_options(plan.accelerator, max_replicas_per_node=replicas.max_replicas_per_node),
+        **deployment_scaling_options(replicas),
+    }
+    if plan.runtime_env:
+        options["ray_actor_options"]["runtime_env"] = plan.runtime_env
+    return options
+
+
+def model_deployment_options(pool: PoolPlan) -> dict[str, Any]:
+    return {"name": pool.deployment_name, "request_router_config": BASE_MODEL_ROUTER, **_serving_options(pool, pool.replicas)}
+
+
+def pool_info(pool: PoolPlan) -> dict[str, Any]:
+    """What the gateway knows about a pool: for load balancing, cold starts and `/v1/pools`."""
+    r = pool.replicas
+    return {
+        "model": pool.model,
+        "pool": pool.pool,
+        "deployment": pool.deployment_name,
+        "engine": pool.engine,
+        "accelerator": {"kind": pool.accelerator.kind, "count": pool.accelerator.count, "type": pool.accelerator.type},
+        "min_replicas": r.min,
+        "max_replicas": r.max,
+        "target_ongoing_requests": r.target_ongoing_requests,
+        "cold_start_timeout_s": r.cold_start_timeout_s,
+    }
 
 
 def agent_deployment_name(agent: AgentSpec) -> str:
@@ -47,6 +73,10 @@ def agent_deployment_name(agent: AgentSpec) -> str:
 
 
 def agent_deployment_options(agent: AgentSpec) -> dict[str, Any]:
+    own = agent_own_model(agent)
+    if own is not None:
+        # The agent replica hosts its own engine: it needs that engine's accelerator and environment.
+        return {"name": agent_deployment_name(agent), **_serving_options(own, agent.replicas)}
     return {
         "name": agent_deployment_name(agent),
         "ray_actor_options": {"num_cpus": agent.cpus},
@@ -54,11 +84,34 @@ def agent_deployment_options(agent: AgentSpec) -> dict[str, Any]:
     }
 
 
+def _own_model_args(agent: AgentSpec) -> dict[str, Any] | None:
+    own = agent_own_model(agent)
+    if own is None:
+        return None
+    return {"source": own.source, "engine": own.engine, "engine_args": own.engine_args, "device_count": own.accelerator.count}
+
+
+def gateway_deployment_options(cfg: TandemConfig) -> dict[str, Any]:
+    return {
+        "num_replicas": cfg.gateway.replicas,
+        "max_ongoing_requests": cfg.gateway.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": cfg.gateway.cpus},
+    }
+
+
 def build(cfg: TandemConfig) -> Application:
+    # model name -> its pools: [{"handle": bound deployment, **pool_info}], in config order.
     models = {
-        m.name: BaseModelDeployment.options(**model_deployment_options(m)).bind(
-            m.name, m.source, m.resolved_engine, m.engine_args, stream_interval_ms=m.stream_interval_ms
-        )
+        m.name: [
+            {
+                "handle": BaseModelDeployment.options(**model_deployment_options(p)).bind(
+                    m.name, p.source, p.engine, p.engine_args, stream_interval_ms=p.stream_interval_ms,
+                    pool=p.pool, device_count=p.accelerator.count,
+                ),
+                **pool_info(p),
+            }
+            for p in model_pools(m)
+        ]
         for m in cfg.models
     }
     agents = {}
@@ -67,16 +120,17 @@ def build(cfg: TandemConfig) -> Application:
 
         agents = {
             a.name: AgentDeployment.options(**agent_deployment_options(a)).bind(
-                a.name, a.program, models[a.model], max_calls=a.max_calls, timeout_s=a.timeout_s
+                a.name,
+                a.program,
+                # Each run goes to one pool of the model (one pool keeps a run's prefix cache warm).
+                models[a.model] if a.model else None,
+                max_calls=a.max_calls,
+                timeout_s=a.timeout_s,
+                own_model=_own_model_args(a),
             )
             for a in cfg.agents
         }
-    gateway_options = {
-        "num_replicas": cfg.gateway.replicas,
-        "max_ongoing_requests": cfg.gateway.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": cfg.gateway.cpus},
-    }
-    return Gateway.options(**gateway_options).bind(
+    return Gateway.options(**gateway_deployment_options(cfg)).bind(
         models,
         agents,
         api_keys_env=cfg.gateway.api_keys_env,

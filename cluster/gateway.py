@@ -32,6 +32,8 @@ from cluster.openai_protocol import (
     sse,
 )
 from cluster.config import AGENT_MODEL_PREFIX
+from cluster.metrics import HTTPMetricsMiddleware
+from cluster.pools import NoPoolAvailable, Pool, PoolBalancer, in_replica
 from deployments.engine import PromptTooLongError
 
 logger = logging.getLogger("ray.serve")
@@ -42,6 +44,10 @@ app = FastAPI(title="Tandem", description="OpenAI-compatible gateway of a Tandem
 @app.exception_handler(OpenAIError)
 async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+# Prometheus counters of HTTP requests and errors by route and status (cluster/metrics.py).
+app.add_middleware(HTTPMetricsMiddleware)
 
 
 def _validation_error(e: ValidationError) -> OpenAIError:
@@ -64,12 +70,40 @@ def _engine_error(e: BaseException, prompt_param: str) -> OpenAIError:
     if isinstance(e, (ValueError, TypeError)):
         cause = getattr(e, "cause", None) or e
         return OpenAIError(400, str(cause), code="invalid_value")
+    if isinstance(e, NoPoolAvailable):
+        return OpenAIError(503, str(e), type="server_error", code="no_replica_available")
     if isinstance(e, BackPressureError):
         return OpenAIError(503, "The model is overloaded; retry later.", type="server_error", code="overloaded")
     if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
         return OpenAIError(504, "The request timed out.", type="server_error", code="timeout")
     logger.exception("request failed", exc_info=e)
     return OpenAIError(500, f"Internal error while generating: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+
+
+def _replica_lost(e: BaseException) -> bool:
+    """A failure of the replica (or its node), not of the request: worth trying another pool."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(e, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+class _PoolFailed(Exception):
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _Lease:
+    """Counts a request's streams as in flight to a pool until released (once)."""
+
+    def __init__(self, pool: Pool, n: int):
+        self.pool, self.n = pool, n
+        pool.in_flight += n
+
+    def release(self) -> None:
+        if self.n:
+            self.pool.in_flight -= self.n
+            self.pool.served += self.n
+            self.n = 0
 
 
 class _Choice:
@@ -115,6 +149,14 @@ async def _guarded(events: AsyncIterator[str], to_error, cleanup) -> AsyncIterat
         yield sse(to_error(e).body())
     finally:
         cleanup()
+
+
+async def _released(events: AsyncIterator[str], lease: "_Lease") -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        lease.release()
 
 
 def _child_call(method, *args, **kwargs):
@@ -167,13 +209,16 @@ def _usage_totals(choices: list[_Choice], n: int) -> tuple[int, int]:
 class Gateway:
     def __init__(
         self,
-        models: dict[str, DeploymentHandle],
+        models: dict[str, list[dict[str, Any]]],
         agents: dict[str, DeploymentHandle] | None = None,
         api_keys_env: str | None = None,
         request_timeout_s: float = 600.0,
         sglang_model: str | None = None,
     ):
-        self.models = models
+        # model name -> its pools (cluster.app.pool_info plus "handle"), balanced by `self.pools`.
+        app_name = serve.get_replica_context().app_name if in_replica() else None
+        self.pools = PoolBalancer.from_bound(models, app_name)
+        self.models = self.pools.models()
         self.agents = agents or {}
         self.created = int(time.time())
         self.request_timeout_s = request_timeout_s
@@ -205,7 +250,7 @@ class Gateway:
         except ValidationError as e:
             raise _validation_error(e) from None
 
-    def _handle(self, model: str) -> DeploymentHandle:
+    def _check_model(self, model: str) -> None:
         if model not in self.models:
             raise OpenAIError(
                 404,
@@ -213,26 +258,61 @@ class Gateway:
                 param="model",
                 code="model_not_found",
             )
-        return self.models[model]
 
-    async def _start(self, handle: DeploymentHandle, jobs: list[dict[str, Any]], prompt_param: str) -> list[_Choice]:
-        """Start every choice's stream and wait for its first delta, so that a bad request fails
-        here with a proper status before any response bytes are sent."""
-        stream = handle.options(stream=True)
+    def _pool(self, model: str, exclude: tuple[Pool, ...] = ()) -> Pool:
+        self._check_model(model)
+        try:
+            return self.pools.pick(model, exclude)
+        except NoPoolAvailable as e:
+            raise OpenAIError(503, str(e), type="server_error", code="no_replica_available") from None
+
+    def _handle(self, model: str) -> DeploymentHandle:
+        return self._pool(model).handle
+
+    async def _start(self, model: str, jobs: list[dict[str, Any]], prompt_param: str) -> tuple[list[_Choice], _Lease]:
+        """Start every choice's stream on one of the model's pools and wait for its first delta, so
+        that a bad request fails here with a proper status before any response bytes are sent.
+        When the pool's replica is lost before the first delta, the next pool takes the request."""
+        await self.pools.ensure_counts()  # the first request: know which pools are cold before picking
+        tried: tuple[Pool, ...] = ()
+        while True:
+            pool = self._pool(model, tried)
+            tried += (pool,)
+            try:
+                return await self._start_on(pool, jobs, prompt_param)
+            except _PoolFailed as failed:
+                if len(tried) >= len(self.pools.pools[model]):
+                    raise _engine_error(failed.error, prompt_param) from None
+                logger.warning("pool %s of %s failed (%s); trying the next pool", pool.name, model, failed.error)
+
+    async def _start_on(self, pool: Pool, jobs: list[dict[str, Any]], prompt_param: str) -> tuple[list[_Choice], _Lease]:
+        cold = self.pools.cold(pool)
+        timeout = min(pool.info["cold_start_timeout_s"], self.request_timeout_s) if cold else self.request_timeout_s
+        lease = _Lease(pool, len(jobs))
+        stream = pool.handle.options(stream=True)
         choices = [_Choice(i, _child_call(stream.stream, **job)) for i, job in enumerate(jobs)]
         try:
-            firsts = await asyncio.wait_for(
-                asyncio.gather(*(c.gen.__anext__() for c in choices)), timeout=self.request_timeout_s
-            )
+            firsts = await asyncio.wait_for(asyncio.gather(*(c.gen.__anext__() for c in choices)), timeout=timeout)
         except BaseException as e:
+            lease.release()
             for c in choices:
                 c.gen.cancel()
             if isinstance(e, asyncio.CancelledError):
                 raise
+            if cold and isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+                raise OpenAIError(
+                    503,
+                    f"The model '{pool.info['model']}' (pool {pool.name}) is scaling up from zero replicas and none "
+                    f"was ready within {timeout:g} s; retry later.",
+                    type="server_error",
+                    code="model_cold_start_timeout",
+                ) from None
+            if _replica_lost(e):
+                raise _PoolFailed(e) from None
             raise _engine_error(e, prompt_param) from None
         for c, first in zip(choices, firsts):
             c.first = first
-        return choices
+        return choices, lease
 
     async def _collect(self, choices: list[_Choice], prompt_param: str) -> None:
         async def drain(c: _Choice):
@@ -292,9 +372,8 @@ class Gateway:
                 c.gen.cancel()
 
     async def _respond(self, kind: str, req, jobs: list[dict], prompt_param: str, echo_texts: list[str] | None = None):
-        handle = self._handle(req.model)
         renderer = ResponseRenderer(kind, req.model)
-        choices = await self._start(handle, jobs, prompt_param)
+        choices, lease = await self._start(req.model, jobs, prompt_param)
         if echo_texts:
             for c in choices:
                 c.text.insert(0, echo_texts[c.index // req.n])
@@ -311,8 +390,11 @@ class Gateway:
                 body = with_echo()
             else:
                 body = self._sse(renderer, choices, include_usage, req.n, prompt_param)
-            return _sse_response(body)
-        await self._collect(choices, prompt_param)
+            return _sse_response(_released(body, lease))
+        try:
+            await self._collect(choices, prompt_param)
+        finally:
+            lease.release()
         result = renderer.full(
             [{"text": "".join(c.text), "finish_reason": c.finish_reason} for c in choices],
             *_usage_totals(choices, req.n),
@@ -323,16 +405,36 @@ class Gateway:
 
     @app.get("/health")
     async def health(self):
-        async def probe(name: str, handle: DeploymentHandle):
-            try:
-                await asyncio.wait_for(_child_call(handle.stats), timeout=5)
-                return name, "ok"
-            except Exception as e:  # noqa: BLE001 - any failure means unhealthy
-                return name, f"unavailable: {type(e).__name__}"
+        """Each model is "ok" when one of its pools answers; "degraded" overall when a model has none."""
 
-        results = dict(await asyncio.gather(*(probe(n, h) for n, h in self.models.items())))
-        healthy = all(v == "ok" for v in results.values())
+        async def probe(pool: Pool) -> str:
+            if pool.running == 0:
+                return "no running replica" + (" (scales from zero)" if pool.scales_from_zero() else "")
+            try:
+                await asyncio.wait_for(_child_call(pool.handle.stats), timeout=5)
+                return "ok"
+            except Exception as e:  # noqa: BLE001 - any failure means unhealthy
+                return f"unavailable: {type(e).__name__}"
+
+        results, healthy = {}, True
+        for model, pools in self.pools.pools.items():
+            states = await asyncio.gather(*(probe(p) for p in pools))
+            ok = any(state == "ok" or "scales from zero" in state for state in states)
+            healthy &= ok
+            results[model] = states[0] if len(pools) == 1 else ("ok" if ok else "unavailable")
+            if len(pools) > 1:
+                results[model] = {"status": results[model], "pools": {p.name: st for p, st in zip(pools, states)}}
         return JSONResponse({"status": "ok" if healthy else "degraded", "models": results}, status_code=200 if healthy else 503)
+
+    @app.get("/v1/pools")
+    async def list_pools(self, request: Request):
+        """Per model, each pool's engine, accelerator, replicas (running / starting / bounds), this
+        gateway's requests in flight and served, and Serve's status message (e.g. why a replica
+        cannot be scheduled)."""
+        self._authorize(request)
+        if self.pools.app_name is not None:
+            await self.pools.refresh()
+        return {"object": "list", "data": [{"model": m, "pools": pools} for m, pools in self.pools.state().items()]}
 
     @app.get("/v1/models")
     async def list_models(self, request: Request):
@@ -346,7 +448,7 @@ class Gateway:
         req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         if req.model.startswith(AGENT_MODEL_PREFIX):
             return await self._agent_chat(req)
-        self._handle(req.model)
+        self._check_model(req.model)
         messages = req.chat_messages()
         jobs = [{"messages": messages, **req.sampling(i)} for i in range(req.n)]
         return await self._respond("chat", req, jobs, "messages")
@@ -354,7 +456,7 @@ class Gateway:
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         req: CompletionRequest = await self._parse(request, CompletionRequest)
-        self._handle(req.model)
+        self._check_model(req.model)
         prompts = req.prompts()
         jobs = [{**p, **req.sampling(i)} for p in prompts for i in range(req.n)]
         echo = None
@@ -419,7 +521,7 @@ class Gateway:
             return results if req.is_batch else results[0]
 
         sampling = req.sampling_params.to_tandem()
-        choices = await self._start(handle, [{**p, **sampling} for p in prompts], "text")
+        choices, lease = await self._start(self.sglang_model, [{**p, **sampling} for p in prompts], "text")
 
         def result(c: _Choice, rid: str) -> dict:
             finish = sglang_protocol.finish_reason(c.finish_reason, c.stop_reason, c.completion_tokens)
@@ -433,8 +535,15 @@ class Gateway:
                     # SGLang streams the cumulative text with each event.
                     yield sse(result(c, rids[0]))
 
-            return _sse_response(_guarded(events(), lambda e: _engine_error(e, "text"), choices[0].gen.cancel))
-        await self._collect(choices, "text")
+            def cleanup():
+                choices[0].gen.cancel()
+                lease.release()
+
+            return _sse_response(_guarded(events(), lambda e: _engine_error(e, "text"), cleanup))
+        try:
+            await self._collect(choices, "text")
+        finally:
+            lease.release()
         results = [result(c, rid) for c, rid in zip(choices, rids)]
         return results if req.is_batch else results[0]
 

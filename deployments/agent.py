@@ -35,6 +35,8 @@ from typing import Any, AsyncIterator
 from ray import serve
 from sglang.lang.ir import SglFunction
 
+from cluster import metrics
+from cluster.pools import PoolBalancer, in_replica
 from deployments.sglang_backend import AgentLimitError, HandleBackend, ModelContext
 
 logger = logging.getLogger("ray.serve")
@@ -46,6 +48,8 @@ RESERVED_ARGUMENTS = frozenset(
     if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self"
 )
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# The one model of an agent's PoolBalancer.
+_MODEL = "model"
 # After the deadline, how long the replica waits for the program thread to notice before answering.
 _DEADLINE_GRACE_S = 2.0
 
@@ -138,8 +142,9 @@ def _describe(e: BaseException) -> tuple[str, str]:
 class _Run:
     """One execution of the program, in threads; the replica's event loop only polls it."""
 
-    def __init__(self, server: "AgentServer", kwargs: dict, stream: bool):
+    def __init__(self, server: "AgentServer", kwargs: dict, stream: bool, model):
         self.server = server
+        self.model = model  # the base-model handle for this run (one pool: a run's prefix stays warm)
         self.kwargs = kwargs
         self.stream = stream
         self.session_id = uuid.uuid4().hex
@@ -153,9 +158,9 @@ class _Run:
         """Blocking: creates the backend and starts the program (returns at once when streaming)."""
         server = self.server
         self.backend = HandleBackend(
-            server.model,
+            self.model,
             self.session_id,
-            context=server.model_context(),
+            context=server.model_context(self.model),
             max_calls=server.max_calls,
             timeout_s=server.timeout_s,
         )
@@ -214,9 +219,16 @@ class _Run:
 
 
 class AgentServer:
-    """One agent replica. See the module docstring."""
+    """One agent replica. See the module docstring.
 
-    def __init__(
+    `model` is a handle to a base-model deployment, or the pools of a model as the app builder
+    binds them ([{"handle", **pool info}]: each run goes to one pool with a running replica, picked
+    as the gateway picks); or, with `own_model` ({"source", "engine", "engine_args",
+    "device_count"}), the replica starts that engine itself and serves its programs from it through
+    a `LocalModelHandle`.
+    """
+
+    async def __init__(
         self,
         name: str,
         program: str,
@@ -224,7 +236,26 @@ class AgentServer:
         max_calls: int = 64,
         timeout_s: float = 120.0,
         max_concurrent_runs: int = 32,
+        own_model: dict | None = None,
     ):
+        if (model is None) == (own_model is None):
+            raise ValueError("give exactly one of model (a base-model handle) or own_model")
+        self.own_server = None
+        if own_model is not None:
+            from deployments.base_model import BaseModelServer
+            from deployments.local_handle import LocalModelHandle
+
+            server = BaseModelServer.__new__(BaseModelServer)
+            await server.__init__(
+                f"{name}-own-model", own_model["source"], own_model["engine"], own_model.get("engine_args"),
+                device_count=own_model.get("device_count", 1),
+            )
+            self.own_server = server
+            model = LocalModelHandle(server, asyncio.get_running_loop())
+        self.pools: PoolBalancer | None = None
+        if isinstance(model, list):
+            app_name = serve.get_replica_context().app_name if in_replica() else None
+            self.pools = PoolBalancer.from_bound({_MODEL: model}, app_name)
         self.name = name
         self.program_path = program
         self.program = load_program(program)
@@ -244,12 +275,19 @@ class AgentServer:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def model_context(self) -> ModelContext:
+    def model_context(self, handle) -> ModelContext:
         """The base model's info and derived chat template, fetched once (blocking)."""
         with self._context_lock:
             if self._context is None:
-                self._context = ModelContext.fetch(self.model)
+                self._context = ModelContext.fetch(handle)
             return self._context
+
+    async def _run_model(self):
+        """The base-model handle for a new run."""
+        if self.pools is None:
+            return self.model
+        await self.pools.ensure_counts()
+        return self.pools.pick(_MODEL).handle
 
     def _validate(self, arguments: dict | None) -> dict:
         expected = f"expected arguments: {self.arguments} (required: {self.required})"
@@ -305,9 +343,10 @@ class AgentServer:
             "required": list(self.required),
         }
 
+    @metrics.record_agent_run
     async def run(self, arguments: dict | None = None) -> dict:
         kwargs = self._validate(arguments)
-        run = _Run(self, kwargs, stream=False)
+        run = _Run(self, kwargs, stream=False, model=await self._run_model())
         try:
             await self._execute(run)
         except asyncio.CancelledError:
@@ -315,9 +354,10 @@ class AgentServer:
             raise
         return run.result()
 
+    @metrics.record_agent_stream
     async def run_stream(self, arguments: dict | None = None) -> AsyncIterator[dict]:
         kwargs = self._validate(arguments)
-        run = _Run(self, kwargs, stream=True)
+        run = _Run(self, kwargs, stream=True, model=await self._run_model())
         completed = False
         try:
             await self._in_thread(run.start)
@@ -351,10 +391,14 @@ class AgentServer:
                 run.abort(RunCancelledError("the run's stream was closed before the program finished"))
 
     def check_health(self) -> None:
-        pass  # a failing program never makes the replica unhealthy
+        # A failing program never makes the replica unhealthy; a dead own engine does.
+        if self.own_server is not None:
+            self.own_server.check_health()
 
-    def __del__(self):
+    async def __del__(self):
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.own_server is not None:
+            await self.own_server.engine.shutdown()
 
 
 AgentDeployment = serve.deployment(AgentServer, name="Agent")

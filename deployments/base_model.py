@@ -18,6 +18,8 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from cluster import metrics
+from cluster.pools import in_replica
 from deployments.engine import Delta, GenerationRequest, SamplingParams
 from deployments.engine_registry import create_engine
 
@@ -49,7 +51,14 @@ class BaseModelServer:
     """One replica: loads the tokenizer (for chat templates) and one engine."""
 
     async def __init__(
-        self, model_name: str, source: str, engine: str, engine_args: dict | None = None, stream_interval_ms: float = 0.0
+        self,
+        model_name: str,
+        source: str,
+        engine: str,
+        engine_args: dict | None = None,
+        stream_interval_ms: float = 0.0,
+        pool: str | None = None,
+        device_count: int = 1,
     ):
         from transformers import AutoTokenizer
 
@@ -59,13 +68,16 @@ class BaseModelServer:
         # downloaded to) that node's cache.
         model_path = str(await asyncio.to_thread(resolve_model_source, source))
         self.model_name = model_name
+        self.pool = pool  # None: the model has a single pool
         self.source = source
         self.stream_interval_s = stream_interval_ms / 1000
         self.engine_name = engine
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.engine = create_engine(engine, model_path, dict(engine_args or {}), self.tokenizer)
+        self.engine = create_engine(engine, model_path, dict(engine_args or {}), self.tokenizer, device_count)
         await self.engine.start()
-        self.replica_id = serve.get_replica_context().replica_id.unique_id if _in_serve() else "local"
+        self.replica_id = serve.get_replica_context().replica_id.unique_id if in_replica() else "local"
+        if in_replica():
+            self._engine_gauges = metrics.start_engine_gauges(self)  # queue depth / KV cache for Prometheus
         logger.info("base model %s ready on replica %s (engine %s)", model_name, self.replica_id, engine)
 
     # -- prompt rendering ------------------------------------------------------------------------
@@ -93,6 +105,7 @@ class BaseModelServer:
 
     # -- handle methods --------------------------------------------------------------------------
 
+    @metrics.record_model_stream
     async def stream(
         self,
         prompt: str | None = None,
@@ -210,6 +223,7 @@ class BaseModelServer:
     async def model_info(self) -> dict:
         return {
             "model": self.model_name,
+            "pool": self.pool,
             "engine": self.engine_name,
             "max_model_len": self.engine.max_model_len,
             "source": self.source,
@@ -228,14 +242,6 @@ class BaseModelServer:
 
     async def __del__(self):
         await self.engine.shutdown()
-
-
-def _in_serve() -> bool:
-    try:
-        serve.get_replica_context()
-        return True
-    except Exception:  # noqa: BLE001 - outside a replica Serve raises a plain RayServeException
-        return False
 
 
 BaseModelDeployment = serve.deployment(BaseModelServer, name="BaseModel")

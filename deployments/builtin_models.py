@@ -50,6 +50,8 @@ class BuiltinModel:
     version: int
     build: Callable[[Path], None]
     fingerprint: Callable[[], str] | None = None
+    # The architecture fields of its config.json, known without building it (for config checks).
+    architecture: dict | None = None
 
     @property
     def dir_name(self) -> str:
@@ -157,6 +159,28 @@ def resolve_model_source(source: str) -> Path:
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     return Path(snapshot_download(source, local_files_only=offline))
+
+
+def read_model_config(source: str) -> dict | None:
+    """The model's config.json as a dict, without building or downloading anything; None when it is
+    not on this machine (a Hub model not in the local HF cache). Used by config checks (`engine: auto`
+    needs the architecture, tensor-parallel checks the head counts)."""
+    if source.startswith(BUILTIN_PREFIX):
+        return dict(_lookup(source[len(BUILTIN_PREFIX):]).architecture or {}) or None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "config.json")
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
+    try:
+        return json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def weights_sha256(model_dir: Path) -> str:
@@ -534,6 +558,10 @@ def _write_json(path: Path, obj: dict) -> None:
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny-chat": BuiltinModel(
-        name="tiny-chat", version=TINY_CHAT_VERSION, build=_build_tiny_chat, fingerprint=_tiny_chat_fingerprint
+        name="tiny-chat",
+        version=TINY_CHAT_VERSION,
+        build=_build_tiny_chat,
+        fingerprint=_tiny_chat_fingerprint,
+        architecture={"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **_MODEL_CONFIG},
     ),
 }

@@ -1,0 +1,162 @@
+"""Heterogeneous pools: one model name served by several deployments, balanced by the gateway.
+
+The CPU engine stands in for accelerator pools here: what differs between pools is what Ray can
+place (a pool asking for more CPUs than any node has plays a pool whose GPU nodes are gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import API_KEY
+
+APP = "pools-test"
+PREFIX = "/pools-test"
+UNPLACEABLE = {"kind": "cpu", "cpus": 64}  # more CPUs than any node of the test cluster has
+SMALL = {"kind": "cpu", "cpus": 0.1}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+POOLS_ARGS = {
+    "models": [
+        {
+            "name": "pooled",
+            "source": "builtin:tiny-chat",
+            "pools": [
+                # First in config order, but it never gets a replica: requests must go elsewhere.
+                {"name": "lost", "engine": "transformers", "accelerator": UNPLACEABLE, "replicas": {"min": 1, "max": 1}},
+                {"name": "a", "engine": "transformers", "accelerator": SMALL, "replicas": {"min": 1, "max": 1, "target_ongoing_requests": 4}},
+                {"name": "b", "engine": "transformers", "accelerator": SMALL, "replicas": {"min": 1, "max": 1, "target_ongoing_requests": 4}},
+            ],
+        },
+        {
+            # Scales from zero, but its replica can never be placed: the first request gets a clear 503.
+            "name": "never-ready",
+            "source": "builtin:tiny-chat",
+            "engine": "transformers",
+            "accelerator": UNPLACEABLE,
+            "replicas": {"min": 0, "max": 1, "cold_start_timeout_s": 3, "upscale_delay_s": 0},
+        },
+        {
+            # Scales from zero and can start: the first request waits for the replica.
+            "name": "from-zero",
+            "source": "builtin:tiny-chat",
+            "engine": "transformers",
+            "accelerator": SMALL,
+            "replicas": {"min": 0, "max": 1, "cold_start_timeout_s": 120, "upscale_delay_s": 0, "downscale_delay_s": 600},
+        },
+    ],
+    "agents": [
+        # An agent replica with its own engine (on a GPU it would be SGLang; the CPU engine stands in).
+        {
+            "name": "own-engine",
+            "program": "deployments.programs:multi_step_reasoning",
+            "own_model": {"source": "builtin:tiny-chat", "engine": "transformers", "accelerator": SMALL},
+        },
+        {"name": "over-handles", "program": "deployments.programs:multi_step_reasoning", "model": "pooled"},
+    ],
+    "gateway": {"api_keys_env": "TANDEM_TEST_API_KEYS", "cpus": 0.05},
+}
+
+
+def _pools(url: str) -> dict[str, dict[str, dict]]:
+    r = httpx.get(url + "/v1/pools", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return {entry["model"]: {p["pool"]: p for p in entry["pools"]} for entry in r.json()["data"]}
+
+
+@pytest.fixture(scope="module")
+def pools_app(tandem_app):
+    """A second application on the session's Serve instance, at its own route prefix."""
+    from ray import serve
+
+    from cluster.app import build_app
+
+    # Not waiting for RUNNING: the "lost" pool never gets its replica.
+    serve._run(build_app(POOLS_ARGS), name=APP, route_prefix=PREFIX, _blocking=False)
+    url = tandem_app + PREFIX
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            state = _pools(url)
+            if state["pooled"]["a"]["replicas"]["running"] and state["pooled"]["b"]["replicas"]["running"]:
+                break
+        except (httpx.HTTPError, AssertionError, KeyError):
+            pass
+        assert time.monotonic() < deadline, "pools-test app did not start"
+        time.sleep(1)
+    yield url
+    # Not waiting: the session's Serve shutdown collects whatever is still stopping.
+    serve.delete(APP, _blocking=False)
+
+
+def test_pool_state_reports_replicas_and_why_one_cannot_start(pools_app):
+    state = _pools(pools_app)
+    lost = state["pooled"]["lost"]
+    assert lost["replicas"]["running"] == 0 and lost["replicas"]["starting"] == 1
+    assert lost["deployment"] == "BaseModel-pooled-lost" and lost["engine"] == "transformers"
+    # Serve's own explanation reaches the user: after 30 s of pending it names the missing resources.
+    deadline = time.monotonic() + 90
+    while not lost["message"] and time.monotonic() < deadline:
+        time.sleep(2)
+        lost = _pools(pools_app)["pooled"]["lost"]
+    assert "could not be scheduled" in lost["message"] or "taken more than" in lost["message"], lost
+    assert '"CPU": 64' in lost["message"], lost
+    assert state["pooled"]["a"]["replicas"] == {"running": 1, "starting": 0, "min": 1, "max": 1}
+    assert state["from-zero"]["default"]["replicas"]["min"] == 0
+
+
+async def test_requests_balance_over_running_pools_and_skip_the_lost_one(pools_app):
+    before = _pools(pools_app)["pooled"]
+    client = openai.AsyncOpenAI(base_url=pools_app + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    answers = await asyncio.gather(
+        *(client.chat.completions.create(model="pooled", messages=QUESTION, max_tokens=8, temperature=0) for _ in range(16))
+    )
+    assert all(a.choices[0].message.content == answers[0].choices[0].message.content for a in answers)
+    after = _pools(pools_app)["pooled"]
+    served = {name: after[name]["served"] - before[name]["served"] for name in after}
+    assert served["lost"] == 0
+    assert served["a"] + served["b"] == 16
+    assert served["a"] >= 4 and served["b"] >= 4, served  # both pools take a share of concurrent load
+    assert all(p["in_flight"] == 0 for p in after.values())
+
+
+def test_health_is_ok_while_one_pool_serves(pools_app):
+    r = httpx.get(pools_app + "/health", timeout=30)
+    body = r.json()
+    assert body["models"]["pooled"]["status"] == "ok"
+    assert body["models"]["pooled"]["pools"]["a"] == "ok"
+    assert body["models"]["pooled"]["pools"]["lost"] == "no running replica"
+
+
+def test_scale_from_zero_that_never_becomes_ready_is_a_clear_503(pools_app):
+    client = openai.OpenAI(base_url=pools_app + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="never-ready", messages=QUESTION, max_tokens=4)
+    assert e.value.status_code == 503
+    assert e.value.body["code"] == "model_cold_start_timeout"
+    assert "scaling up from zero" in e.value.body["message"] and "3 s" in e.value.body["message"]
+    assert time.monotonic() - started < 30
+
+
+def test_first_request_waits_for_a_replica_scaled_from_zero(pools_app):
+    assert _pools(pools_app)["from-zero"]["default"]["replicas"]["running"] == 0
+    client = openai.OpenAI(base_url=pools_app + "/v1", api_key=API_KEY, max_retries=0, timeout=180)
+    answer = client.chat.completions.create(model="from-zero", messages=QUESTION, max_tokens=8, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.choices[0].message.content
+
+
+def test_agent_with_its_own_engine_answers_like_one_over_handles(pools_app):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    question = {"question": "What is the capital of France?"}
+    own = httpx.post(pools_app + "/v1/agents/own-engine", json=question, headers=headers, timeout=120)
+    remote = httpx.post(pools_app + "/v1/agents/over-handles", json=question, headers=headers, timeout=120)
+    assert own.status_code == 200, own.text
+    assert remote.status_code == 200, remote.text
+    # Same model, same greedy program: the same answer whether the engine is in the agent replica or not.
+    assert own.json()["answer"] == remote.json()["answer"] and own.json()["calls"] == remote.json()["calls"]

@@ -13,14 +13,15 @@ OpenAI's `response_format: {"type": "json_object"}` is the JSON schema `JSON_OBJ
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import xgrammar as xgr
+
+from deployments.engine import validate_constraint
 
 #: The JSON schema of "any JSON object" (OpenAI's `response_format: {"type": "json_object"}`).
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
@@ -36,24 +37,6 @@ _XGR_ERROR_PREFIX = re.compile(r"^\s*(\[[0-9:]+\]\s*)?(\S+\.(cc|h|cpp):\d+:\s*)?
 def json_object_schema() -> str:
     """The `json_schema` value for OpenAI's `response_format: {"type": "json_object"}`."""
     return JSON_OBJECT_SCHEMA
-
-
-def validate_constraint(regex: Any, json_schema: Any) -> None:
-    """Cheap checks of a request's constraint fields (types, at most one, JSON syntax); compiling does
-    the rest. Raises ValueError."""
-    if regex is not None and json_schema is not None:
-        raise ValueError("give at most one of regex and json_schema")
-    if regex is not None and (not isinstance(regex, str) or not regex):
-        raise ValueError(f"regex must be a non-empty string, got {regex!r}")
-    if json_schema is not None:
-        if not isinstance(json_schema, str):
-            raise ValueError(f"json_schema must be a JSON schema as a JSON string, got {type(json_schema).__name__}")
-        try:
-            schema = json.loads(json_schema)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"json_schema is not valid JSON: {e}") from None
-        if not isinstance(schema, (dict, bool)):
-            raise ValueError(f"json_schema must be a JSON object (or boolean) schema, got {json_schema!r}")
 
 
 def _clean_error(error: BaseException) -> str:

@@ -7,8 +7,10 @@ usage, error bodies) is rendered once, above them, in the gateway and the base-m
 from __future__ import annotations
 
 import abc
+import json
+import math
 from dataclasses import asdict, dataclass, field
-from typing import AsyncIterator, Literal
+from typing import Any, AsyncIterator, Literal, Sequence
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -57,6 +59,86 @@ class SamplingParams:
     # Constrained decoding (at most one of these): a regular expression or a JSON schema (as a JSON string).
     regex: str | None = None
     json_schema: str | None = None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_constraint(regex: Any, json_schema: Any) -> None:
+    """Cheap checks of a request's constraint fields (types, at most one, JSON syntax); compiling does
+    the rest. Raises ValueError."""
+    if regex is not None and json_schema is not None:
+        raise ValueError("give at most one of regex and json_schema")
+    if regex is not None and (not isinstance(regex, str) or not regex):
+        raise ValueError(f"regex must be a non-empty string, got {regex!r}")
+    if json_schema is not None:
+        if not isinstance(json_schema, str):
+            raise ValueError(f"json_schema must be a JSON schema as a JSON string, got {type(json_schema).__name__}")
+        try:
+            schema = json.loads(json_schema)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"json_schema is not valid JSON: {e}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError(f"json_schema must be a JSON object (or boolean) schema, got {json_schema!r}")
+
+
+def validate_sampling(sp: SamplingParams, vocab_size: int | None = None) -> None:
+    """The checks every engine makes of a request's sampling (engines add their own limits).
+    Raises ValueError naming the field."""
+    if not _is_int(sp.max_tokens) or sp.max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {sp.max_tokens!r}")
+    if not _is_number(sp.temperature) or sp.temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, got {sp.temperature!r}")
+    if not _is_number(sp.top_p) or not 0 < sp.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {sp.top_p!r}")
+    if not _is_int(sp.top_k) or sp.top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {sp.top_k!r}")
+    if sp.seed is not None and not _is_int(sp.seed):
+        raise ValueError(f"seed must be an integer, got {sp.seed!r}")
+    if not isinstance(sp.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in sp.stop):
+        raise ValueError(f"stop must be a list of non-empty strings, got {sp.stop!r}")
+    ids_ok = isinstance(sp.stop_token_ids, (list, tuple)) and all(
+        _is_int(t) and t >= 0 and (vocab_size is None or t < vocab_size) for t in sp.stop_token_ids
+    )
+    if not ids_ok:
+        limit = f"in [0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise ValueError(f"stop_token_ids must be token ids {limit}, got {sp.stop_token_ids!r}")
+    if not isinstance(sp.ignore_eos, bool):
+        raise ValueError(f"ignore_eos must be a boolean, got {sp.ignore_eos!r}")
+    validate_constraint(sp.regex, sp.json_schema)
+
+
+def continuation_sequences(tokenizer, prompt: str, continuations: list[str]) -> list[tuple[list[int], int]]:
+    """For `score`: each continuation as (token ids of prompt + continuation, index of its first
+    token). Tokens can merge across the boundary, so the joined text is tokenized as the model would
+    see it and everything after the common prefix with the prompt's own tokens is scored."""
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    sequences = []
+    for continuation in continuations:
+        full_ids = list(tokenizer(prompt + continuation)["input_ids"])
+        start = _common_prefix_len(prompt_ids, full_ids)
+        if start == 0:
+            # The boundary merge swallowed the whole prompt: fall back to separate tokenization.
+            full_ids = prompt_ids + list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            start = len(prompt_ids)
+        if start == 0:
+            raise ValueError("the prompt is empty: there is no context to score a continuation against")
+        sequences.append((full_ids, start))
+    return sequences
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @dataclass

@@ -52,6 +52,8 @@ from deployments.engine import (
     GenerationRequest,
     PromptTooLongError,
     SamplingParams,
+    continuation_sequences,
+    validate_sampling,
 )
 
 Backend = Literal["turbomind", "pytorch"]
@@ -360,41 +362,12 @@ def response_format(sampling: SamplingParams) -> dict | None:
 
 
 def _validate_sampling(sp: SamplingParams) -> None:
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not is_int(sp.max_tokens) or sp.max_tokens < 1:
-        raise ValueError(f"max_tokens must be an integer >= 1, got {sp.max_tokens!r}")
-    if not is_number(sp.temperature) or not 0 <= sp.temperature <= _MAX_TEMPERATURE:
+    validate_sampling(sp)
+    # LMDeploy's own limits.
+    if sp.temperature > _MAX_TEMPERATURE:
         raise ValueError(f"temperature must be in [0, {_MAX_TEMPERATURE}] for LMDeploy engines, got {sp.temperature!r}")
-    if not is_number(sp.top_p) or not 0 < sp.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {sp.top_p!r}")
-    if not is_int(sp.top_k) or sp.top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {sp.top_k!r}")
-    if sp.seed is not None and (not is_int(sp.seed) or not 0 <= sp.seed < _MAX_SEED):
+    if sp.seed is not None and not 0 <= sp.seed < _MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, 2**64) for LMDeploy engines, got {sp.seed!r}")
-    if not isinstance(sp.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in sp.stop):
-        raise ValueError(f"stop must be a list of non-empty strings, got {sp.stop!r}")
-    if not isinstance(sp.stop_token_ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in sp.stop_token_ids):
-        raise ValueError(f"stop_token_ids must be a list of token ids, got {sp.stop_token_ids!r}")
-    if not isinstance(sp.ignore_eos, bool):
-        raise ValueError(f"ignore_eos must be a boolean, got {sp.ignore_eos!r}")
-    if sp.regex is not None and sp.json_schema is not None:
-        raise ValueError("give at most one of regex and json_schema")
-    if sp.regex is not None and (not isinstance(sp.regex, str) or not sp.regex):
-        raise ValueError(f"regex must be a non-empty string, got {sp.regex!r}")
-    if sp.json_schema is not None:
-        if not isinstance(sp.json_schema, str):
-            raise ValueError(f"json_schema must be a JSON schema as a JSON string, got {type(sp.json_schema).__name__}")
-        try:
-            schema = json.loads(sp.json_schema)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"json_schema is not valid JSON: {e}") from None
-        if not isinstance(schema, (dict, bool)):
-            raise ValueError(f"json_schema must be a JSON object (or boolean) schema, got {sp.json_schema!r}")
 
 
 # -- LMDeploy outputs -> Deltas -----------------------------------------------------------------
@@ -491,15 +464,6 @@ class _RateMeter:
         while self._events and self._events[0][0] < horizon:
             self._events.popleft()
         return sum(count for _, count in self._events) / self._window_s
-
-
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class _LMDeployEngine(Engine):
@@ -654,21 +618,9 @@ class _LMDeployEngine(Engine):
             raise ValueError("prompt and continuations must be strings")
         if not continuations:
             return []
-        tokenizer = self._tokenizer
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        sequences: list[tuple[list[int], int]] = []  # (token ids, index of the first scored token)
-        for continuation in continuations:
-            full_ids = list(tokenizer(prompt + continuation)["input_ids"])
-            # Tokens can merge across the prompt/continuation boundary: score everything after the common
-            # prefix, so the tokenization is the one the model would see for the joined text.
-            start = _common_prefix_len(prompt_ids, full_ids)
-            if start == 0:
-                full_ids = list(prompt_ids) + list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
-                start = len(prompt_ids)
-            if start == 0:
-                raise ValueError("the prompt is empty: there is no context to score a continuation against")
+        sequences = continuation_sequences(self._tokenizer, prompt, continuations)
+        for full_ids, _ in sequences:
             self._check_scoring_length(full_ids)
-            sequences.append((full_ids, start))
         token_logprobs = await self._token_logprobs([ids for ids, _ in sequences])
         # token_logprobs[row][i] is the log-prob of token i + 1.
         return [math.fsum(lps[start - 1 :]) for lps, (_, start) in zip(token_logprobs, sequences)]

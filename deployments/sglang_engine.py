@@ -65,7 +65,6 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import psutil
 
-from deployments.constraints import validate_constraint
 from deployments.detokenizer import StopStringMatcher
 from deployments.engine import (
     Delta,
@@ -75,6 +74,8 @@ from deployments.engine import (
     GenerationRequest,
     PromptTooLongError,
     SamplingParams,
+    continuation_sequences,
+    validate_sampling,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -241,21 +242,8 @@ def build_server_args(model_path: str, engine_args: dict, device_count: int):
 # -- sampling ------------------------------------------------------------------------------------
 
 
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def sampling_params(sampling: SamplingParams, *, tokenizer=None, vocab_size: int | None = None) -> dict:
@@ -268,25 +256,7 @@ def sampling_params(sampling: SamplingParams, *, tokenizer=None, vocab_size: int
     from sglang.srt.sampling.sampling_params import SamplingParams as SGLangSamplingParams
 
     sp = sampling
-    if not _is_int(sp.max_tokens) or sp.max_tokens < 1:
-        raise ValueError(f"max_tokens must be an integer >= 1, got {sp.max_tokens!r}")
-    if not _is_number(sp.temperature) or sp.temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0, got {sp.temperature!r}")
-    if not _is_number(sp.top_p):
-        raise ValueError(f"top_p must be a number in (0, 1], got {sp.top_p!r}")
-    if not _is_int(sp.top_k) or sp.top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {sp.top_k!r}")
-    if sp.seed is not None and not _is_int(sp.seed):
-        raise ValueError(f"seed must be an integer, got {sp.seed!r}")
-    if not isinstance(sp.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in sp.stop):
-        raise ValueError(f"stop must be a list of non-empty strings, got {sp.stop!r}")
-    limit = vocab_size or _UNKNOWN_VOCAB
-    stop_ids = sp.stop_token_ids
-    if not isinstance(stop_ids, (list, tuple)) or not all(_is_int(t) and 0 <= t < limit for t in stop_ids):
-        raise ValueError(f"stop_token_ids must be token ids in [0, {limit}), got {sp.stop_token_ids!r}")
-    if not isinstance(sp.ignore_eos, bool):
-        raise ValueError(f"ignore_eos must be a boolean, got {sp.ignore_eos!r}")
-    validate_constraint(sp.regex, sp.json_schema)
+    validate_sampling(sp, vocab_size)
 
     params: dict[str, Any] = {
         "max_new_tokens": sp.max_tokens,
@@ -310,7 +280,7 @@ def sampling_params(sampling: SamplingParams, *, tokenizer=None, vocab_size: int
 
     try:
         check = SGLangSamplingParams(**params)
-        check.verify(limit)
+        check.verify(vocab_size or _UNKNOWN_VOCAB)
         if tokenizer is not None or not sp.stop:
             check.normalize(tokenizer)
     except (TypeError, ValueError) as e:
@@ -824,19 +794,7 @@ class SGLangEngine(Engine):
             return []
         if self._tokenizer is None:
             raise EngineError("the sglang engine has no tokenizer to score text")
-        tokenizer = self._tokenizer
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        sequences: list[tuple[list[int], int]] = []
-        for continuation in continuations:
-            full_ids = list(tokenizer(prompt + continuation)["input_ids"])
-            # Tokens can merge across the boundary: score everything after the common prefix.
-            start = _common_prefix_len(prompt_ids, full_ids)
-            if start == 0:
-                full_ids = list(prompt_ids) + list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
-                start = len(prompt_ids)
-            if start == 0:
-                raise ValueError("the prompt is empty: there is no context to score a continuation against")
-            sequences.append((full_ids, start))
+        sequences = continuation_sequences(self._tokenizer, prompt, continuations)
         logprobs = await self.prompt_logprobs([ids for ids, _ in sequences])
         return [math.fsum(lp for lp in lps[start:] if lp is not None) for lps, (_, start) in zip(logprobs, sequences)]
 

@@ -40,7 +40,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 from transformers.generation.logits_process import LogitsProcessorList
 
-from deployments.constraints import GrammarConstraints, validate_constraint
+from deployments.constraints import GrammarConstraints
 from deployments.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from deployments.engine import (
     Delta,
@@ -50,6 +50,8 @@ from deployments.engine import (
     GenerationRequest,
     PromptTooLongError,
     SamplingParams,
+    continuation_sequences,
+    validate_sampling,
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -241,41 +243,6 @@ class _RateMeter:
             self._events.popleft()
 
 
-def _validate_sampling(sp: SamplingParams, vocab_size: int) -> None:
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not is_int(sp.max_tokens) or sp.max_tokens < 1:
-        raise ValueError(f"max_tokens must be an integer >= 1, got {sp.max_tokens!r}")
-    if not is_number(sp.temperature) or sp.temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0, got {sp.temperature!r}")
-    if not is_number(sp.top_p) or not 0 < sp.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {sp.top_p!r}")
-    if not is_int(sp.top_k) or sp.top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {sp.top_k!r}")
-    if sp.seed is not None and not is_int(sp.seed):
-        raise ValueError(f"seed must be an integer, got {sp.seed!r}")
-    if not isinstance(sp.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in sp.stop):
-        raise ValueError(f"stop must be a list of non-empty strings, got {sp.stop!r}")
-    if not isinstance(sp.stop_token_ids, (list, tuple)) or not all(
-        is_int(t) and 0 <= t < vocab_size for t in sp.stop_token_ids
-    ):
-        raise ValueError(f"stop_token_ids must be token ids in [0, {vocab_size}), got {sp.stop_token_ids!r}")
-    validate_constraint(sp.regex, sp.json_schema)
-
-
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def check_engine_args(engine_args: dict, device_count: int = 1, hf_config: dict | None = None) -> None:
     """The checks that need no model files (also run by `python -m cluster check`)."""
     args = engine_args
@@ -427,7 +394,7 @@ class TransformersEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         manager = self._require_started()
         sp = request.sampling
-        _validate_sampling(sp, self._vocab_size)
+        validate_sampling(sp, self._vocab_size)
         prompt_ids = self._prompt_token_ids(request)
         if len(prompt_ids) + sp.max_tokens > self.max_model_len:
             raise PromptTooLongError(len(prompt_ids), self.max_model_len, sp.max_tokens)
@@ -592,23 +559,10 @@ class TransformersEngine(Engine):
         return await loop.run_in_executor(self._score_executor, self._score_sync, prompt, list(continuations))
 
     def _score_sync(self, prompt: str, continuations: list[str]) -> list[float]:
-        tokenizer = self._tokenizer
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        sequences: list[tuple[list[int], int]] = []  # (token ids, index of the first scored token)
-        for continuation in continuations:
-            full_ids = tokenizer(prompt + continuation)["input_ids"]
-            # Tokens can merge across the prompt/continuation boundary: score everything after the
-            # common prefix, so the tokenization is the one the model would see for the joined text.
-            start = _common_prefix_len(prompt_ids, full_ids)
-            if start == 0:
-                # The boundary merge swallowed the whole prompt: fall back to separate tokenization.
-                full_ids = prompt_ids + tokenizer(continuation, add_special_tokens=False)["input_ids"]
-                start = len(prompt_ids)
-            if start == 0:
-                raise ValueError("the prompt is empty: there is no context to score a continuation against")
+        sequences = continuation_sequences(self._tokenizer, prompt, continuations)
+        for full_ids, _ in sequences:
             if len(full_ids) > self.max_model_len:
                 raise PromptTooLongError(len(full_ids), self.max_model_len)
-            sequences.append((full_ids, start))
         token_logprobs = self._token_logprobs([ids for ids, _ in sequences])
         # token_logprobs[row][i] is the log-prob of token i + 1.
         return [math.fsum(lps[start - 1 :]) for lps, (_, start) in zip(token_logprobs, sequences)]

@@ -54,6 +54,9 @@ def test_serve_run_default_config(tmp_path):
     path.write_text(yaml.safe_dump(config))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "TANDEM_API_KEYS"}
+    # Its own local Ray cluster, as on a fresh machine: without an address, `serve run` would join the
+    # test session's cluster (Ray finds the newest local cluster) and redeploy the session's app.
+    env["RAY_ADDRESS"] = "local"
     serve = Path(sys.executable).parent / "serve"
     log = tmp_path / "serve.log"
     with log.open("w") as out:

@@ -46,19 +46,10 @@ from deployments.lmdeploy_engine import (
     generation_config,
     turbomind_supports,
 )
+from tests.engine_helpers import model_path, tokenizer  # noqa: F401 - fixtures: the built-in model
 
 QWEN2_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 28, "num_key_value_heads": 4}
 ANSWER = "7 * 6 = 42."
-
-
-@pytest.fixture(scope="module")
-def model_path():
-    return str(resolve_model_source("builtin:tiny-chat"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return AutoTokenizer.from_pretrained(model_path)
 
 
 def request(prompt=None, ids=None, **sampling) -> GenerationRequest:

@@ -37,16 +37,7 @@ from deployments.sglang_engine import (
     kill_process_trees,
     sampling_params,
 )
-
-
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    return str(resolve_model_source("builtin:tiny-chat"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return AutoTokenizer.from_pretrained(model_path)
+from tests.engine_helpers import model_path, tokenizer  # noqa: F401 - fixtures: the built-in model
 
 
 # -- SGLang's result shapes ----------------------------------------------------------------------

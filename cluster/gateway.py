@@ -72,6 +72,11 @@ def _engine_error(e: BaseException, prompt_param: str) -> OpenAIError:
         return OpenAIError(400, str(cause), code="invalid_value")
     if isinstance(e, NoPoolAvailable):
         return OpenAIError(503, str(e), type="server_error", code="no_replica_available")
+    if _replica_lost(e):
+        return OpenAIError(
+            503, "The replica serving this request was lost (its node may have gone down); retry the request.",
+            type="server_error", code="replica_unavailable",
+        )
     if isinstance(e, BackPressureError):
         return OpenAIError(503, "The model is overloaded; retry later.", type="server_error", code="overloaded")
     if isinstance(e, (asyncio.TimeoutError, TimeoutError)):

@@ -160,3 +160,14 @@ def test_agent_with_its_own_engine_answers_like_one_over_handles(pools_app):
     assert remote.status_code == 200, remote.text
     # Same model, same greedy program: the same answer whether the engine is in the agent replica or not.
     assert own.json()["answer"] == remote.json()["answer"] and own.json()["calls"] == remote.json()["calls"]
+
+
+def test_a_lost_replica_is_a_retryable_503():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from cluster.gateway import _engine_error
+
+    for error in (ActorDiedError(), ActorUnavailableError("the node died", None)):
+        mapped = _engine_error(error, "messages")
+        assert mapped.status == 503 and mapped.body()["error"]["code"] == "replica_unavailable"
+        assert "retry" in mapped.body()["error"]["message"]

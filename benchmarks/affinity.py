@@ -140,7 +140,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     results: dict = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 18000 + uuid.uuid4().int % 1000})

@@ -105,7 +105,7 @@ async def bench_gateway(engine_args: dict, levels, per_level: int, max_tokens: i
 
     from cluster.app import build_app
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     port = 18000 + uuid.uuid4().int % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {

@@ -27,9 +27,11 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
         if proc.poll() is not None:
             pytest.fail(f"serve run exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
+            r = httpx.get(url + "/health", timeout=5)
+            # Tandem's own health answer, not whatever else might listen there.
+            if r.status_code == 200 and r.json().get("status") == "ok":
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(2)
     pytest.fail(f"cluster not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")

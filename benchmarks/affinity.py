@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import start_local_ray, write_results  # noqa: E402
 
 REPLICAS = 4
 PROMPTS = ["What is the capital of France?", "What color is the sky?", "Name a prime number.", "你好"]
@@ -140,7 +141,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    start_local_ray()
     results: dict = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 18000 + uuid.uuid4().int % 1000})
@@ -187,10 +188,7 @@ def main() -> None:
         f"agent-call spread CV {t['agent_run_spread']['cv']:.2f} vs {d['agent_run_spread']['cv']:.2f}, "
         f"plain-call spread CV {t['plain_spread']['cv']:.2f} vs {d['plain_spread']['cv']:.2f}"
     )
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"affinity-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.write_text(json.dumps({"config": vars(args), "replicas": REPLICAS, "results": results}, indent=2))
+    out = write_results("affinity", {"config": vars(args), "replicas": REPLICAS, "results": results})
     print(f"wrote {out}")
 
 

@@ -11,7 +11,6 @@ writes JSON to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,6 +21,8 @@ import sglang as sgl
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import start_local_ray, write_results  # noqa: E402
 
 
 @sgl.function
@@ -62,7 +63,7 @@ def main() -> None:
 
     from cluster.app import build_app
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    start_local_ray()
     port = 18000 + uuid.uuid4().int % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {
@@ -103,10 +104,7 @@ def main() -> None:
         print(f"{name:<28} {r['runs']:>5} {r['mean_s']:>9.4f} {r['p50_s']:>9.4f} {r['p99_s']:>9.4f}")
     print(f"ratio outside/in-cluster: mean {b['mean_s'] / a['mean_s']:.2f}, p50 {b['p50_s'] / a['p50_s']:.2f}, p99 {b['p99_s'] / a['p99_s']:.2f}")
     print(f"same answers on both paths: {same}")
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"agent_handles_vs_http-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.write_text(json.dumps({"config": vars(args), "results": results, "same_answers": same}, indent=2))
+    out = write_results("agent_handles_vs_http", {"config": vars(args), "results": results, "same_answers": same})
     print(f"wrote {out}")
 
 

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import socket
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import start_local_ray, write_results  # noqa: E402
 
 APP = "autoscale-bench"
 QUESTION = [{"role": "user", "content": "Tell me about the ocean."}]
@@ -182,8 +182,7 @@ def main() -> None:
     from deployments.builtin_models import resolve_model_source
 
     resolve_model_source("builtin:tiny-chat")
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    start_local_ray()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         serve.run(build_app(app_args(args)), name=APP, route_prefix=None)
@@ -209,11 +208,8 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<14} | {fmt(r['up_started_s']):>20} | {fmt(r['up_running_s']):>11} | {fmt(r['up_served_s']):>17} | "
               f"{fmt(r['down_s']):>13} | {r['ok']:>4} {r['failed']:>6}")
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"autoscaling-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.write_text(json.dumps({"config": vars(args), "look_back_period_s": LOOK_BACK_PERIOD_S,
-                               "metrics_interval_s": METRICS_INTERVAL_S, "results": results}, indent=2))
+    out = write_results("autoscaling", {"config": vars(args), "look_back_period_s": LOOK_BACK_PERIOD_S,
+                               "metrics_interval_s": METRICS_INTERVAL_S, "results": results})
     print(f"\nwrote {out}")
 
 

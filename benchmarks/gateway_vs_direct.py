@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import statistics
 import sys
 import time
 import uuid
@@ -23,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import start_local_ray, write_results  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -105,7 +105,7 @@ async def bench_gateway(engine_args: dict, levels, per_level: int, max_tokens: i
 
     from cluster.app import build_app
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    start_local_ray()
     port = 18000 + uuid.uuid4().int % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
@@ -171,10 +171,7 @@ def main() -> None:
             f"{d['latency_p50_s']:>7.3f}/{g['latency_p50_s']:<8.3f} {d['latency_p99_s']:>7.3f}/{g['latency_p99_s']:<8.3f} | "
             f"{d['ttft_p50_s']:>8.3f}/{g['ttft_p50_s']:<8.3f} {d['ttft_p99_s']:>8.3f}/{g['ttft_p99_s']:<8.3f}"
         )
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"gateway_vs_direct-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.write_text(json.dumps({"config": vars(args), "direct": direct, "gateway": gateway}, indent=2))
+    out = write_results("gateway_vs_direct", {"config": vars(args), "direct": direct, "gateway": gateway})
     print(f"\nwrote {out}")
 
 

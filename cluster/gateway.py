@@ -274,17 +274,27 @@ class Gateway:
     def _handle(self, model: str) -> DeploymentHandle:
         return self._pool(model).handle
 
-    async def _start(self, model: str, jobs: list[dict[str, Any]], prompt_param: str) -> tuple[list[_Choice], _Lease]:
+    async def _start(
+        self, model: str, jobs: list[dict[str, Any]], prompt_param: str, collect: bool = False
+    ) -> tuple[list[_Choice], _Lease]:
         """Start every choice's stream on one of the model's pools and wait for its first delta, so
         that a bad request fails here with a proper status before any response bytes are sent.
-        When the pool's replica is lost before the first delta, the next pool takes the request."""
+        With `collect` (a response sent whole), also wait for the last delta.
+        When the pool's replica is lost before the response starts (its first delta, or with
+        `collect` its last), the next pool takes the whole request."""
         await self.pools.ensure_counts()  # the first request: know which pools are cold before picking
         tried: tuple[Pool, ...] = ()
         while True:
             pool = self._pool(model, tried)
             tried += (pool,)
             try:
-                return await self._start_on(pool, jobs, prompt_param)
+                choices, lease = await self._start_on(pool, jobs, prompt_param)
+                if collect:
+                    try:
+                        await self._collect(choices, prompt_param)
+                    finally:
+                        lease.release()
+                return choices, lease
             except _PoolFailed as failed:
                 if len(tried) >= len(self.pools.pools[model]):
                     raise _engine_error(failed.error, prompt_param) from None
@@ -331,6 +341,8 @@ class Gateway:
                 c.gen.cancel()
             if isinstance(e, asyncio.CancelledError):
                 raise
+            if _replica_lost(e):
+                raise _PoolFailed(e) from None
             raise _engine_error(e, prompt_param) from None
 
     async def _sse(self, renderer: ResponseRenderer, choices: list[_Choice], include_usage: bool, n: int, prompt_param: str) -> AsyncIterator[str]:
@@ -378,7 +390,7 @@ class Gateway:
 
     async def _respond(self, kind: str, req, jobs: list[dict], prompt_param: str, echo_texts: list[str] | None = None):
         renderer = ResponseRenderer(kind, req.model)
-        choices, lease = await self._start(req.model, jobs, prompt_param)
+        choices, lease = await self._start(req.model, jobs, prompt_param, collect=not req.stream)
         if echo_texts:
             for c in choices:
                 c.text.insert(0, echo_texts[c.index // req.n])
@@ -396,10 +408,6 @@ class Gateway:
             else:
                 body = self._sse(renderer, choices, include_usage, req.n, prompt_param)
             return _sse_response(_released(body, lease))
-        try:
-            await self._collect(choices, prompt_param)
-        finally:
-            lease.release()
         result = renderer.full(
             [{"text": "".join(c.text), "finish_reason": c.finish_reason} for c in choices],
             *_usage_totals(choices, req.n),
@@ -526,7 +534,7 @@ class Gateway:
             return results if req.is_batch else results[0]
 
         sampling = req.sampling_params.to_tandem()
-        choices, lease = await self._start(self.sglang_model, [{**p, **sampling} for p in prompts], "text")
+        choices, lease = await self._start(self.sglang_model, [{**p, **sampling} for p in prompts], "text", collect=not req.stream)
 
         def result(c: _Choice, rid: str) -> dict:
             finish = sglang_protocol.finish_reason(c.finish_reason, c.stop_reason, c.completion_tokens)
@@ -545,10 +553,6 @@ class Gateway:
                 lease.release()
 
             return _sse_response(_guarded(events(), lambda e: _engine_error(e, "text"), cleanup))
-        try:
-            await self._collect(choices, "text")
-        finally:
-            lease.release()
         results = [result(c, rid) for c, rid in zip(choices, rids)]
         return results if req.is_batch else results[0]
 

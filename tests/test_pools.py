@@ -7,6 +7,7 @@ place (a pool asking for more CPUs than any node has plays a pool whose GPU node
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -171,3 +172,82 @@ def test_a_lost_replica_is_a_retryable_503():
         mapped = _engine_error(error, "messages")
         assert mapped.status == 503 and mapped.body()["error"]["code"] == "replica_unavailable"
         assert "retry" in mapped.body()["error"]["message"]
+
+
+def test_gateway_fails_over_to_the_other_pool_when_a_pools_node_is_lost(multinode, serve_url):
+    """Two pools of one model: "x" pinned by label to an extra node, "y" kept off it. The extra
+    node dies while clients keep calling the gateway: every request is answered (one caught on the
+    lost replica is re-run on pool "y": nothing of its response was sent yet), and /v1/pools shows
+    "x" with no running replica. The CPU engine stands in for both pools' accelerators."""
+    from collections import Counter
+
+    from ray import serve
+
+    from cluster.app import build_app
+
+    extra = multinode.add_node(num_cpus=1, labels={"tandem-test/pool": "x"}, object_store_memory=80 * 1024**2)
+    app, prefix = "failover-test", "/failover-test"
+    args = {
+        "models": [{
+            "name": "ha",
+            "source": "builtin:tiny-chat",
+            "pools": [
+                {"name": "x", "engine": "transformers", "replicas": {"min": 1, "max": 1},
+                 "accelerator": {"kind": "cpu", "cpus": 0.1, "labels": {"tandem-test/pool": "x"}}},
+                {"name": "y", "engine": "transformers", "replicas": {"min": 1, "max": 1},
+                 "accelerator": {"kind": "cpu", "cpus": 0.1, "labels": {"tandem-test/pool": "!x"}}},
+            ],
+        }],
+        "gateway": {"api_keys_env": "TANDEM_TEST_API_KEYS", "cpus": 0.05},
+    }
+    try:
+        serve.run(build_app(args), name=app, route_prefix=prefix)
+        url = serve_url + prefix
+        state = _pools(url)["ha"]
+        assert state["x"]["replicas"]["running"] == 1 and state["y"]["replicas"]["running"] == 1
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        outcomes: list[tuple[float, str]] = []
+        stop = threading.Event()
+
+        def caller():
+            while not stop.is_set():
+                try:
+                    client.chat.completions.create(model="ha", messages=QUESTION, max_tokens=4, temperature=0)
+                    outcomes.append((time.monotonic(), "ok"))
+                except openai.APIStatusError as e:
+                    outcomes.append((time.monotonic(), f"{e.status_code} {e.body.get('code') if isinstance(e.body, dict) else ''}"))
+                time.sleep(0.05)
+
+        threads = [threading.Thread(target=caller, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(outcomes) < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        lost_at = time.monotonic()
+        multinode.cluster.remove_node(extra, allow_graceful=False)
+        extra = None
+        # The gateway learns from Serve that pool x has no running replica, and stops sending it anything.
+        deadline = time.monotonic() + 60
+        while _pools(url)["ha"]["x"]["replicas"]["running"] != 0:
+            assert time.monotonic() < deadline, _pools(url)["ha"]["x"]
+            time.sleep(0.5)
+        settled_at = time.monotonic()
+        before_y = _pools(url)["ha"]["y"]["served"]
+        while sum(1 for t, o in outcomes if t > settled_at) < 6 and time.monotonic() < settled_at + 60:
+            time.sleep(0.2)
+        stop.set()
+        for t in threads:
+            t.join(timeout=90)
+
+        counts = Counter(o for _, o in outcomes)
+        print(f"\npool failover: {dict(counts)}; pool x out of rotation {settled_at - lost_at:.1f}s after its node died")
+        assert set(counts) == {"ok"} and counts["ok"] >= 10, counts
+        assert all(o == "ok" for t, o in outcomes if t > settled_at)
+        after = _pools(url)["ha"]
+        assert after["y"]["served"] > before_y and after["x"]["in_flight"] == 0
+    finally:
+        serve.delete(app, _blocking=False)
+        if extra is not None:
+            multinode.cluster.remove_node(extra)

@@ -301,14 +301,14 @@ class ServingPlan:
         return dict(ENGINES[self.engine].default_runtime_env)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PoolPlan(ServingPlan):
     """One base-model deployment: a model, or one pool of a model with pools."""
 
-    model: str = ""
-    pool: str | None = None
-    replicas: ReplicaSpec = ReplicaSpec()
-    stream_interval_ms: float = 20.0
+    model: str
+    replicas: ReplicaSpec
+    stream_interval_ms: float
+    pool: str | None = None  # None: the model has no pools
 
     @property
     def deployment_name(self) -> str:

@@ -432,7 +432,7 @@ class Gateway:
         results, healthy = {}, True
         for model, pools in self.pools.pools.items():
             states = await asyncio.gather(*(probe(p) for p in pools))
-            ok = any(state == "ok" or "scales from zero" in state for state in states)
+            ok = any(st == "ok" or (p.running == 0 and p.scales_from_zero()) for p, st in zip(pools, states))
             healthy &= ok
             results[model] = states[0] if len(pools) == 1 else ("ok" if ok else "unavailable")
             if len(pools) > 1:

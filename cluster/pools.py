@@ -9,8 +9,8 @@ pool, Serve's request router picks the replica; across pools, the gateway picks:
 - among those, the least loaded: this gateway's requests in flight to the pool per running
   replica, relative to the pool's `target_ongoing_requests` (so a pool of fast GPUs with a higher
   target takes proportionally more);
-- when no pool has a running replica, the first that can start one (min 0: scale from zero); the
-  request then waits for it up to the pool's `cold_start_timeout_s`.
+- when no pool has a running replica, the first pool: the request waits for its replica (one
+  scaling from zero, up to the pool's `cold_start_timeout_s`).
 
 Replica counts come from Serve's controller (`serve.status()`), refreshed in the background.
 """
@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 logger = logging.getLogger("ray.serve")
@@ -50,10 +51,6 @@ class Pool:
     def load(self) -> float:
         replicas = max(self.running or 0, 1)
         return (self.in_flight + 1) / (replicas * self.info["target_ongoing_requests"])
-
-    def can_start(self) -> bool:
-        """Whether a replica may come (pending, or on demand): requests sent here wait for it."""
-        return self.info["max_replicas"] > 0
 
     def scales_from_zero(self) -> bool:
         return self.info["min_replicas"] == 0
@@ -104,7 +101,7 @@ class PoolBalancer:
 
     # -- replica counts from Serve -------------------------------------------------------------
 
-    @property
+    @cached_property
     def needs_counts(self) -> bool:
         """Counts matter only to choose between pools, or to know that a pool is scaled to zero;
         otherwise Serve's controller is not asked every second."""
@@ -171,10 +168,9 @@ class PoolBalancer:
         running = [p for p in pools if p.running]
         if running:
             return min(running, key=Pool.load)
-        startable = [p for p in pools if p.can_start()]
-        if startable:
-            return startable[0]
-        raise NoPoolAvailable.of(model, pools)
+        # None running: the first pool; its replica is starting, or comes on demand (min 0), and the
+        # request waits for it (bounded by cold_start_timeout_s when it scales from zero).
+        return pools[0]
 
     def cold(self, pool: Pool) -> bool:
         """Whether a request to `pool` waits for a replica to start (scale from zero)."""

@@ -11,6 +11,7 @@ Nothing here imports an engine library; this module is safe to import anywhere.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -179,7 +179,7 @@ def main() -> None:
 
     from autoscale.policy import LOOK_BACK_PERIOD_S, METRICS_INTERVAL_S
     from cluster.app import build_app
-    from deployments.builtin_models import resolve_model_source
+    from deployments.models.builtin import resolve_model_source
 
     resolve_model_source("builtin:tiny-chat")
     start_local_ray()

@@ -74,8 +74,8 @@ async def run_level(one_request, concurrency: int, total: int) -> dict:
 async def bench_direct(model_path: str, engine_args: dict, levels, per_level: int, max_tokens: int) -> dict:
     from transformers import AutoTokenizer
 
-    from deployments.engine import GenerationRequest, SamplingParams
-    from deployments.transformers_engine import TransformersEngine
+    from deployments.engines.engine import GenerationRequest, SamplingParams
+    from deployments.engines.transformers_engine import TransformersEngine
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     engine = TransformersEngine(model_path, engine_args, tokenizer=tokenizer)
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    from deployments.builtin_models import resolve_model_source
+    from deployments.models.builtin import resolve_model_source
 
     model_path = str(resolve_model_source("builtin:tiny-chat"))
     engine_args = {"num_threads": args.threads}

@@ -15,12 +15,15 @@ import os
 import shutil
 import sys
 
-from cluster.config import ConfigError, load_serve_config
+from autoscale.policy import describe as describe_replicas
+from cluster.app import agent_deployment_name
+from cluster.config import ConfigError
+from cluster.plan import run_plan
+from cluster.resolve import agent_own_model, load_serve_config, model_pools
+from placement.resources import describe as describe_accelerator
 
 
 def _serving_lines(plan, replicas_line: str) -> list[str]:
-    from placement.resources import describe as describe_accelerator
-
     engine = plan.engine + (" (auto)" if plan.auto else "")
     env = plan.runtime_env
     env_line = f"{env}" if env else "the node's own Python environment"
@@ -34,10 +37,6 @@ def _serving_lines(plan, replicas_line: str) -> list[str]:
 
 
 def _check(path: str) -> int:
-    from autoscale.policy import describe as describe_replicas
-    from cluster.app import agent_deployment_name
-    from cluster.config import agent_own_model, model_pools
-
     try:
         apps = load_serve_config(path)
     except ConfigError as e:
@@ -81,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return max(_check(f) for f in args.files)
     if args.command == "plan":
-        from cluster.plan import run_plan
-
         return run_plan(args.file, args.address)
     if _check(args.file) != 0:
         return 1

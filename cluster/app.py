@@ -14,17 +14,10 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from autoscale.policy import deployment_scaling_options
-from cluster.config import (
-    AgentSpec,
-    PoolPlan,
-    ReplicaSpec,
-    ServingPlan,
-    TandemConfig,
-    agent_own_model,
-    model_pools,
-    parse_args,
-)
+from cluster.config import AgentSpec, ReplicaSpec, TandemConfig
+from cluster.resolve import PoolPlan, ServingPlan, agent_own_model, model_pools, parse_args
 from cluster.gateway import Gateway
+from deployments.agent import AgentDeployment
 from deployments.base_model import BaseModelDeployment
 from placement.resources import replica_options
 
@@ -116,8 +109,6 @@ def build(cfg: TandemConfig) -> Application:
     }
     agents = {}
     if cfg.agents:
-        from deployments.agent import AgentDeployment  # needs sglang's frontend
-
         agents = {
             a.name: AgentDeployment.options(**agent_deployment_options(a)).bind(
                 a.name,

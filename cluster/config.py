@@ -1,18 +1,16 @@
-"""The Tandem application config: the `args` of the application in a Ray Serve config file.
+"""The Tandem application config schema: the `args` of the application in a Ray Serve config file.
 
-Every field is validated here, before Ray starts anything. A bad value raises `ConfigError`, whose
+Pure pydantic, a leaf of the import graph: it imports nothing of Tandem's, so every layer may use it.
+Checks that need engines, model files or placement (engine names, `auto`, engine_args, programs)
+are in `cluster/resolve.py`, which also reads config files. A bad value raises `ConfigError`, whose
 message names the field's path, the bad value and what is allowed.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from functools import cached_property
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -108,7 +106,9 @@ def _check_name(v: str, slash: bool = True) -> str:
 class ServingSpec(_Strict):
     """What a group of replicas runs: an engine on an accelerator, in a Ray runtime_env."""
 
-    engine: Literal["transformers", "turbomind", "lmdeploy-pytorch", "sglang", "auto"] = "auto"
+    # An engine of the registry (deployments/engines/registry.py) or "auto"; checked against the
+    # registry by cluster/resolve.py, so the names are written in one place.
+    engine: str = "auto"
     accelerator: AcceleratorSpec = AcceleratorSpec()
     engine_args: dict[str, Any] = Field(default_factory=dict)
     runtime_env: dict[str, Any] | None = Field(
@@ -246,7 +246,7 @@ class TandemConfig(_Strict):
         return next(m for m in self.models if m.name == name)
 
 
-def _format_pydantic_error(err: dict, root: str) -> str:
+def format_pydantic_error(err: dict, root: str) -> str:
     loc = root
     for part in err["loc"]:
         sep = "." if loc and not loc.endswith(".") else ""
@@ -263,217 +263,9 @@ def _format_pydantic_error(err: dict, root: str) -> str:
     return f"{loc}: {msg} (got {got})"
 
 
-@dataclass(frozen=True)
-class ServingPlan:
-    """A ServingSpec with everything resolved: the engine `auto` picked, the runtime_env it gets."""
-
-    spec: ServingSpec
-    source: str
-
-    @cached_property
-    def hf_config(self) -> dict | None:
-        from deployments.builtin_models import read_model_config
-
-        return read_model_config(self.source)
-
-    @cached_property
-    def engine(self) -> str:
-        return resolve_engine(self.spec, self.hf_config, self.source)
-
-    @property
-    def auto(self) -> bool:
-        return self.spec.engine == "auto"
-
-    @property
-    def accelerator(self) -> AcceleratorSpec:
-        return self.spec.accelerator
-
-    @property
-    def engine_args(self) -> dict[str, Any]:
-        return dict(self.spec.engine_args)
-
-    @property
-    def runtime_env(self) -> dict[str, Any]:
-        from deployments.engine_registry import ENGINES
-
-        if self.spec.runtime_env is not None:
-            return dict(self.spec.runtime_env)
-        return dict(ENGINES[self.engine].default_runtime_env)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PoolPlan(ServingPlan):
-    """One base-model deployment: a model, or one pool of a model with pools."""
-
-    model: str
-    replicas: ReplicaSpec
-    stream_interval_ms: float
-    pool: str | None = None  # None: the model has no pools
-
-    @property
-    def deployment_name(self) -> str:
-        # Serve deployment names are also metric tags and log file names: keep them plain.
-        name = self.model if self.pool is None else f"{self.model}-{self.pool}"
-        return "BaseModel-" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
-def model_pools(m: ModelSpec) -> list[PoolPlan]:
-    if not m.pools:
-        return [PoolPlan(spec=m, source=m.source, model=m.name, replicas=m.replicas, stream_interval_ms=m.stream_interval_ms)]
-    return [
-        PoolPlan(spec=p, source=p.source or m.source, model=m.name, pool=p.name, replicas=p.replicas,
-                 stream_interval_ms=m.stream_interval_ms)
-        for p in m.pools
-    ]
-
-
-def agent_own_model(a: AgentSpec) -> ServingPlan | None:
-    return None if a.own_model is None else ServingPlan(spec=a.own_model, source=a.own_model.source)
-
-
-def resolve_engine(spec: ServingSpec, hf_config: dict | None, source: str) -> str:
-    """`auto`: GPU -> TurboMind when it supports the architecture, else SGLang; NPU -> LMDeploy's
-    PyTorch engine; CPU -> transformers. Raises ValueError when GPU needs an unknown architecture."""
-    if spec.engine != "auto":
-        return spec.engine
-    kind = spec.accelerator.kind
-    if kind == "cpu":
-        return "transformers"
-    if kind == "npu":
-        return "lmdeploy-pytorch"
-    if isinstance(spec, OwnModelSpec):
-        return "sglang"  # an agent replica's own engine is an SGLang runtime
-    architectures = (hf_config or {}).get("architectures") or []
-    if not architectures:
-        raise ValueError(
-            f"'auto' on a GPU picks TurboMind or SGLang by the model's architecture, but the config.json of "
-            f"{source!r} is not on this machine; set engine: turbomind or engine: sglang"
-        )
-    import importlib.util
-
-    if importlib.util.find_spec("lmdeploy") is None:
-        raise ValueError(
-            "'auto' on a GPU asks lmdeploy which architectures TurboMind supports, and lmdeploy is not installed "
-            "here (pip install --no-deps lmdeploy==0.18.0); or set engine: turbomind or engine: sglang"
-        )
-    from deployments.lmdeploy_engine import turbomind_supports
-
-    return "turbomind" if turbomind_supports(architectures[0]) else "sglang"
-
-
-def _serving_problems(plan: ServingPlan, path: str) -> list[str]:
-    """Engine vs accelerator, `auto` resolution, and engine_args against the engine's own config class."""
-    from deployments.engine_registry import ENGINES, engine_args_checker
-
+def validate_args(args: dict[str, Any] | None, root: str = "") -> TandemConfig:
+    """The schema checks of the application `args`; raise ConfigError naming every bad field."""
     try:
-        engine = plan.engine
-    except ValueError as e:
-        return [f"{path}.engine: {e}"]
-    shown = f"'auto' (resolved to {engine!r})" if plan.auto else repr(engine)
-    kind = plan.accelerator.kind
-    if kind not in ENGINES[engine].accelerators:
-        allowed = [name for name, info in ENGINES.items() if kind in info.accelerators]
-        return [
-            f"{path}.engine: {shown} runs on {' or '.join(ENGINES[engine].accelerators)}, not on accelerator kind "
-            f"{kind!r}; engines for {kind!r}: {', '.join(allowed)} (or 'auto')"
-        ]
-    checker = engine_args_checker(engine)
-    if checker is not None:
-        try:
-            checker(plan.engine_args, plan.accelerator.count, plan.hf_config)
-        except ValueError as e:
-            return [f"{path}: engine {engine!r}: {e}"]
-    return []
-
-
-def _semantic_problems(cfg: TandemConfig, root: str) -> list[str]:
-    """Checks that need the whole config, the model's config.json or the engine libraries."""
-    from placement.resources import placement_problems
-
-    problems = []
-    for i, m in enumerate(cfg.models):
-        for j, plan in enumerate(model_pools(m)):
-            path = f"{root}models[{i}]" + (f".pools[{j}]" if m.pools else "")
-            problems += _serving_problems(plan, path)
-            problems += placement_problems(plan.accelerator, plan.replicas, f"{path}.accelerator", f"{path}.replicas")
-    for i, a in enumerate(cfg.agents):
-        problem = _program_problem(a.program)
-        if problem:
-            problems.append(f"{root}agents[{i}].program: {a.program!r} {problem}")
-        own = agent_own_model(a)
-        if own is not None:
-            path = f"{root}agents[{i}]"
-            problems += _serving_problems(own, f"{path}.own_model")
-            problems += placement_problems(own.accelerator, a.replicas, f"{path}.own_model.accelerator", f"{path}.replicas")
-    return problems
-
-
-def _program_problem(path: str) -> str | None:
-    """Programs are imported at check time, so a typo fails before Ray starts, not in a replica."""
-    import importlib
-
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is reported the same way
-        return f"cannot be imported: {type(e).__name__}: {e}"
-    program = getattr(module, attr, None)
-    if program is None:
-        return f"not found: module {module_name!r} has no attribute {attr!r}"
-    from sglang.lang.ir import SglFunction
-
-    if not isinstance(program, SglFunction):
-        return f"is a {type(program).__name__}, not an @sgl.function program"
-    return None
-
-
-def parse_args(args: dict[str, Any] | None, root: str = "") -> TandemConfig:
-    """Validate the application `args`; raise ConfigError naming every bad field."""
-    try:
-        cfg = TandemConfig.model_validate(args or {})
+        return TandemConfig.model_validate(args or {})
     except ValidationError as e:
-        raise ConfigError([_format_pydantic_error(err, root) for err in e.errors()]) from None
-    problems = _semantic_problems(cfg, root)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
-
-
-def load_serve_config(path: str | Path) -> list[tuple[dict, TandemConfig]]:
-    """Read a Ray Serve config file and validate every Tandem application in it.
-
-    Returns (application entry, parsed args) pairs. Applications built by something other than
-    Tandem's builder are left to Ray Serve.
-    """
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: file not found"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("applications"), list):
-        raise ConfigError([f"{path}: expected a Ray Serve config with an 'applications' list"])
-
-    # The Serve-level schema (application names, route prefixes, ...) is Ray's own; validate with it.
-    from ray.serve.schema import ServeDeploySchema
-
-    problems: list[str] = []
-    try:
-        ServeDeploySchema.model_validate(doc)
-    except ValidationError as e:
-        problems += [_format_pydantic_error(err, "") for err in e.errors()]
-
-    found = []
-    for i, app in enumerate(doc["applications"]):
-        if not isinstance(app, dict) or app.get("import_path") != APP_BUILDER:
-            continue
-        try:
-            found.append((app, parse_args(app.get("args"), root=f"applications[{i}].args.")))
-        except ConfigError as e:
-            problems += e.problems
-    if problems:
-        raise ConfigError(problems)
-    if not found:
-        raise ConfigError([f"{path}: no application with import_path {APP_BUILDER!r}"])
-    return found
+        raise ConfigError([format_pydantic_error(err, root) for err in e.errors()]) from None

@@ -32,9 +32,11 @@ from cluster.openai_protocol import (
     sse,
 )
 from cluster.config import AGENT_MODEL_PREFIX
-from cluster.metrics import HTTPMetricsMiddleware
-from cluster.pools import NoPoolAvailable, Pool, PoolBalancer, in_replica
-from deployments.engine import PromptTooLongError
+from cluster.http_metrics import HTTPMetricsMiddleware
+from deployments.agents.errors import AgentLimitError, AgentProgramError
+from deployments.pools import NoPoolAvailable, Pool, PoolBalancer
+from deployments.replica import in_replica
+from deployments.engines.engine import PromptTooLongError
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,7 +48,7 @@ async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-# Prometheus counters of HTTP requests and errors by route and status (cluster/metrics.py).
+# Prometheus counters of HTTP requests and errors by route and status (deployments/metrics.py).
 app.add_middleware(HTTPMetricsMiddleware)
 
 
@@ -185,8 +187,6 @@ def _child_call(method, *args, **kwargs):
 
 def _agent_error(e: BaseException, name: str) -> OpenAIError:
     """Bad arguments are the client's error (400); a failing or runaway program is the server's."""
-    from deployments.agent import AgentLimitError, AgentProgramError
-
     if isinstance(e, AgentLimitError):
         return OpenAIError(504 if e.limit == "timeout_s" else 500, str(e), type="server_error", code=f"agent_limit_{e.limit}")
     if isinstance(e, AgentProgramError):

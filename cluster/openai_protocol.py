@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.engines.engine import JSON_OBJECT_SCHEMA
+
 MAX_STOP_SEQUENCES = 4
 MAX_N = 16
 
@@ -114,8 +116,6 @@ class ResponseFormat(BaseModel):
 
     def constraint(self) -> dict[str, str]:
         """As the engine's constraint parameter: a JSON schema string (any object for json_object)."""
-        from deployments.constraints import JSON_OBJECT_SCHEMA
-
         if self.type == "json_object":
             return {"json_schema": JSON_OBJECT_SCHEMA}
         if self.type == "json_schema":

@@ -35,9 +35,13 @@ from typing import Any, AsyncIterator
 from ray import serve
 from sglang.lang.ir import SglFunction
 
-from cluster import metrics
-from cluster.pools import PoolBalancer, in_replica
-from deployments.sglang_backend import AgentLimitError, HandleBackend, ModelContext
+from deployments import metrics
+from deployments.pools import PoolBalancer
+from deployments.replica import in_replica
+from deployments.agents.backend import HandleBackend, ModelContext
+from deployments.agents.errors import AgentLimitError, AgentProgramError, RunCancelledError
+from deployments.base_model import BaseModelServer
+from deployments.local_handle import LocalModelHandle
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,23 +56,6 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _MODEL = "model"
 # After the deadline, how long the replica waits for the program thread to notice before answering.
 _DEADLINE_GRACE_S = 2.0
-
-
-class AgentProgramError(Exception):
-    """The agent's program raised (or one of its model calls failed)."""
-
-    def __init__(self, program: str, message: str, error_type: str = "Exception"):
-        self.program = program
-        self.message = message
-        self.error_type = error_type
-        super().__init__(f"agent program {program} failed: {error_type}: {message}")
-
-    def __reduce__(self):
-        return (type(self), (self.program, self.message, self.error_type))
-
-
-class RunCancelledError(Exception):
-    """The caller of a run went away; the run's further model calls are refused."""
 
 
 def load_program(path: str) -> SglFunction:
@@ -242,9 +229,6 @@ class AgentServer:
             raise ValueError("give exactly one of model (a base-model handle) or own_model")
         self.own_server = None
         if own_model is not None:
-            from deployments.base_model import BaseModelServer
-            from deployments.local_handle import LocalModelHandle
-
             server = BaseModelServer.__new__(BaseModelServer)
             await server.__init__(
                 f"{name}-own-model", own_model["source"], own_model["engine"], own_model.get("engine_args"),

@@ -18,10 +18,11 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from cluster import metrics
-from cluster.pools import in_replica
-from deployments.engine import Delta, GenerationRequest, SamplingParams
-from deployments.engine_registry import create_engine
+from deployments import metrics
+from deployments.replica import in_replica
+from deployments.engines.engine import Delta, GenerationRequest, SamplingParams
+from deployments.engines.registry import create_engine
+from deployments.models.builtin import resolve_model_source
 
 logger = logging.getLogger("ray.serve")
 
@@ -61,8 +62,6 @@ class BaseModelServer:
         device_count: int = 1,
     ):
         from transformers import AutoTokenizer
-
-        from deployments.builtin_models import resolve_model_source
 
         # Resolved here, on the replica's node: a builtin model is built into (or an HF repo id
         # downloaded to) that node's cache.

@@ -101,7 +101,7 @@ def free_port() -> int:
 def ray_cluster():
     import ray
 
-    from deployments.builtin_models import resolve_model_source
+    from deployments.models.builtin import resolve_model_source
 
     # Build the built-in model once, here, rather than inside a replica's start-up (where the
     # others would wait on its lock).

@@ -5,9 +5,9 @@ import pytest
 import pytest_asyncio
 from transformers import AutoTokenizer
 
-from deployments.builtin_models import resolve_model_source
-from deployments.engine import GenerationRequest, SamplingParams
-from deployments.transformers_engine import TransformersEngine
+from deployments.models.builtin import resolve_model_source
+from deployments.engines.engine import GenerationRequest, SamplingParams
+from deployments.engines.transformers_engine import TransformersEngine
 
 # Small steps so that prompts longer than 64 tokens are prefilled in chunks. One torch thread: on a
 # shared 2-core box, 2-thread OpenMP regions stall whenever the other core is busy, which slows a

@@ -16,7 +16,7 @@ from sglang.lang.chat_template import get_chat_template
 from sglang.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR, SglSamplingParams
 
 from deployments.agent import AgentProgramError, load_program, program_arguments
-from deployments.sglang_backend import (
+from deployments.agents.backend import (
     AgentLimitError,
     ChatTemplateError,
     HandleBackend,
@@ -131,7 +131,7 @@ LLAMA2 = (
 
 
 def test_derive_chat_template_chatml_matches_sglang_builtin():
-    from deployments.builtin_models import CHAT_TEMPLATE
+    from deployments.models.builtin import CHAT_TEMPLATE
 
     derived = derive_chat_template(_jinja_renderer(CHAT_TEMPLATE), "tiny-chat")
     chatml = get_chat_template("chatml")

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments import builtin_models
-from deployments.builtin_models import (
+from deployments.models import builtin as builtin_models
+from deployments.models.builtin import (
     BUILTIN_MODELS,
     COMPLETE_MARKER,
     BuiltinModel,
@@ -134,7 +134,7 @@ def test_config(model_dir, tokenizer):
 
 
 def test_tokenizer_is_fast_and_round_trips(tokenizer):
-    from deployments.builtin_corpus import CHAT_PAIRS
+    from deployments.models.corpus import CHAT_PAIRS
 
     assert tokenizer.is_fast
     assert 500 <= len(tokenizer) <= 2048
@@ -267,7 +267,7 @@ def test_concurrent_builds_give_one_identical_model(model_dir, tmp_path):
         "import logging, sys\n"
         "from pathlib import Path\n"
         "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
-        "from deployments.builtin_models import ensure_builtin_model\n"
+        "from deployments.models.builtin import ensure_builtin_model\n"
         "print(ensure_builtin_model('tiny-chat', Path(sys.argv[1])))\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))

@@ -9,7 +9,8 @@ import yaml
 
 from autoscale.policy import deployment_scaling_options
 from cluster.app import agent_deployment_options, model_deployment_options
-from cluster.config import ConfigError, agent_own_model, model_pools, parse_args
+from cluster.config import ConfigError
+from cluster.resolve import agent_own_model, model_pools, parse_args
 from placement.resources import replica_options
 
 ROOT = Path(__file__).resolve().parent.parent

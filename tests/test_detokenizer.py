@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from deployments.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from deployments.engines.text import IncrementalDetokenizer, StopStringMatcher
 
 # Characters outside the training text stay raw bytes: 3 byte-tokens per CJK character, 4 per emoji.
 TEXT = "Hello 你好, 世界! 龘靐齉 🙂 the end. 北京是中国的首都。"

@@ -1,4 +1,4 @@
-"""The LMDeploy adapters (`deployments/lmdeploy_engine.py`) against the real installed lmdeploy, on CPU.
+"""The LMDeploy adapters (`deployments/engines/lmdeploy_engine.py`) against the real installed lmdeploy, on CPU.
 
 What runs for real here: LMDeploy's config dataclasses and their checks, its GenerationConfig, its xgrammar
 response_format check, its output types (GenOut, Response, EngineOutput) and its whole serving layer
@@ -33,10 +33,10 @@ from lmdeploy.serve.core import AsyncEngine
 from lmdeploy.serve.core.async_engine import GenOut
 from transformers import AutoTokenizer
 
-from deployments.builtin_models import resolve_model_source
-from deployments.engine import EngineError, GenerationRequest, PromptTooLongError, SamplingParams
-from deployments.engine_registry import engine_args_checker
-from deployments.lmdeploy_engine import (
+from deployments.models.builtin import resolve_model_source
+from deployments.engines.engine import EngineError, GenerationRequest, PromptTooLongError, SamplingParams
+from deployments.engines.registry import engine_args_checker
+from deployments.engines.lmdeploy_engine import (
     DeltaMapper,
     LMDeployPytorchEngine,
     TurbomindEngine,

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from cluster import metrics
+from deployments import metrics
 from tests.conftest import API_KEY
 
 MODEL = "tiny-chat"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from cluster.config import AcceleratorSpec
-from cluster.plan import EXIT_UNPLACEABLE, cluster_nodes, plan_placement, requirement_from_options
+from placement.plan import EXIT_UNPLACEABLE, cluster_nodes, plan_placement, requirement_from_options
 from placement.resources import replica_options
 from tests.conftest import GPU_NODE, ROOT
 

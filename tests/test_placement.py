@@ -8,17 +8,17 @@ import io
 import pytest
 from ray.serve._private.config import ReplicaConfig
 
-from cluster.config import AcceleratorSpec, ReplicaSpec, parse_args
-from cluster.plan import (
+from cluster.config import AcceleratorSpec, ReplicaSpec
+from cluster.resolve import parse_args
+from cluster.plan import config_requirements, run_plan
+from placement.plan import (
     EXIT_INVALID,
     EXIT_OK,
     Requirement,
-    config_requirements,
     format_report,
     label_selector_matches,
     plan_placement,
     requirement_from_options,
-    run_plan,
 )
 from placement.resources import placement_problems, replica_options
 

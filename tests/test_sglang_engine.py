@@ -24,10 +24,10 @@ from sglang.srt.sampling.sampling_params import SamplingParams as SGLangSampling
 from sglang.srt.server_args import ServerArgs
 from transformers import AutoTokenizer
 
-from deployments.builtin_models import read_model_config, resolve_model_source
-from deployments.engine import EngineError, GenerationRequest, PromptTooLongError, SamplingParams
-from deployments.engine_registry import engine_args_checker
-from deployments.sglang_engine import (
+from deployments.models.builtin import read_model_config, resolve_model_source
+from deployments.engines.engine import EngineError, GenerationRequest, PromptTooLongError, SamplingParams
+from deployments.engines.registry import engine_args_checker
+from deployments.engines.sglang_engine import (
     EngineThread,
     ResultState,
     SGLangEngine,
@@ -499,7 +499,7 @@ async def test_sglang_engine_generates_greedy_tokens_on_gpu(model_path, tokenize
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     try:
-        from deployments.sglang_engine import _import_sglang_engine
+        from deployments.engines.sglang_engine import _import_sglang_engine
 
         _import_sglang_engine()
     except Exception as e:  # noqa: BLE001 - e.g. no torchvision / sgl-kernel in a CPU environment

@@ -9,8 +9,8 @@ import pytest_asyncio
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deployments.builtin_corpus import CHAT_PAIRS
-from deployments.builtin_models import resolve_model_source
+from deployments.models.corpus import CHAT_PAIRS
+from deployments.models.builtin import resolve_model_source
 from tests.engine_helpers import (  # noqa: F401 - fixtures
     chat_prompt,
     collect,
@@ -20,8 +20,8 @@ from tests.engine_helpers import (  # noqa: F401 - fixtures
     record_batch_rows,
     tokenizer,
 )
-from deployments.engine import EngineError, GenerationRequest, PromptTooLongError, SamplingParams
-from deployments.transformers_engine import TransformersEngine, _gumbel_sample_scores, _RequestSlot
+from deployments.engines.engine import EngineError, GenerationRequest, PromptTooLongError, SamplingParams
+from deployments.engines.transformers_engine import TransformersEngine, _gumbel_sample_scores, _RequestSlot
 
 QUESTIONS = [q for q, _ in CHAT_PAIRS]
 

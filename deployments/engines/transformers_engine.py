@@ -11,7 +11,7 @@ KV cache. This module adds what the manager lacks for serving:
   sample of softmax(logits / T), and the noise depends on nothing else in the batch, so a seeded request
   is reproducible whatever it is batched with. Rows at temperature 0 are left alone: exact greedy.
 - A per-request logits mask (`LogitsMask`) on the same processor, applied before the argmax / sample:
-  constrained decoding (regex, JSON schema) with xgrammar, see `deployments/constraints.py`.
+  constrained decoding (regex, JSON schema) with xgrammar, see `deployments/engines/constraints.py`.
 - Stop strings, stop token ids, UTF-8-safe streaming text, cancellation, scoring, prompt log-probs and
   load stats.
 """
@@ -40,9 +40,9 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 from transformers.generation.logits_process import LogitsProcessorList
 
-from deployments.constraints import GrammarConstraints
-from deployments.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from deployments.engine import (
+from deployments.engines.constraints import GrammarConstraints
+from deployments.engines.text import IncrementalDetokenizer, StopStringMatcher
+from deployments.engines.engine import (
     Delta,
     Engine,
     EngineError,

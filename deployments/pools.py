@@ -178,14 +178,3 @@ class PoolBalancer:
 
     def state(self) -> dict[str, list[dict]]:
         return {model: [p.state() for p in pools] for model, pools in self.pools.items()}
-
-
-def in_replica() -> bool:
-    """Whether this code runs inside a Serve replica (where Serve's controller can be asked)."""
-    from ray import serve
-
-    try:
-        serve.get_replica_context()
-        return True
-    except Exception:  # noqa: BLE001 - outside a replica Serve raises a plain RayServeException
-        return False

@@ -15,7 +15,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.engine import Engine
+from deployments.engines.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -29,43 +29,80 @@ class EngineInfo:
     # node's own site-packages (where Tandem itself is installed).
     default_runtime_env: dict[str, Any] = field(default_factory=dict)
     checker: str | None = None  # "module:function"(engine_args, device_count, hf_config) -> None
+    # "module:function"(hf_config) -> bool: whether the engine runs this model, asked by `engine: auto`
+    # (None: every model). Raises ValueError when it cannot tell (no config.json, library missing).
+    supports: str | None = None
 
 
 ENGINES: dict[str, EngineInfo] = {
     "transformers": EngineInfo(
         name="transformers",
-        adapter="deployments.transformers_engine:TransformersEngine",
+        adapter="deployments.engines.transformers_engine:TransformersEngine",
         accelerators=("cpu", "gpu"),
         library="transformers",
-        checker="deployments.transformers_engine:check_engine_args",
+        checker="deployments.engines.transformers_engine:check_engine_args",
     ),
     "turbomind": EngineInfo(
         name="turbomind",
-        adapter="deployments.lmdeploy_engine:TurbomindEngine",
+        adapter="deployments.engines.lmdeploy_engine:TurbomindEngine",
         accelerators=("gpu",),
         library="lmdeploy",
         default_runtime_env={"pip": {"packages": ["lmdeploy==0.18.0"], "pip_check": False}},
-        checker="deployments.lmdeploy_engine:check_turbomind_args",
+        checker="deployments.engines.lmdeploy_engine:check_turbomind_args",
+        supports="deployments.engines.lmdeploy_engine:turbomind_supports_model",
     ),
     "lmdeploy-pytorch": EngineInfo(
         name="lmdeploy-pytorch",
-        adapter="deployments.lmdeploy_engine:LMDeployPytorchEngine",
+        adapter="deployments.engines.lmdeploy_engine:LMDeployPytorchEngine",
         accelerators=("npu",),
         library="lmdeploy",
         # Ascend images ship torch_npu and lmdeploy prepared for the CANN version on the node; a
         # pip list cannot build that, so the node's own environment is used unless config says otherwise.
         default_runtime_env={},
-        checker="deployments.lmdeploy_engine:check_pytorch_args",
+        checker="deployments.engines.lmdeploy_engine:check_pytorch_args",
     ),
     "sglang": EngineInfo(
         name="sglang",
-        adapter="deployments.sglang_engine:SGLangEngine",
+        adapter="deployments.engines.sglang_engine:SGLangEngine",
         accelerators=("gpu",),
         library="sglang",
         default_runtime_env={"pip": {"packages": ["sglang[all]==0.5.23"], "pip_check": False}},
-        checker="deployments.sglang_engine:check_engine_args",
+        checker="deployments.engines.sglang_engine:check_engine_args",
     ),
 }
+
+
+AUTO = "auto"
+# `engine: auto`: per accelerator kind, the engines to try in order; the first whose `supports` hook
+# accepts the model is used. An agent's own engine is always an SGLang runtime on GPUs.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("transformers",),
+    "gpu": ("turbomind", "sglang"),
+    "npu": ("lmdeploy-pytorch",),
+}
+AGENT_AUTO_ORDER: dict[str, tuple[str, ...]] = {**AUTO_ORDER, "gpu": ("sglang",)}
+
+
+def engine_names() -> list[str]:
+    """The names a config may give as `engine` (besides "auto")."""
+    return list(ENGINES)
+
+
+def pick_engine(kind: str, hf_config: dict | None, source: str, order: dict[str, tuple[str, ...]] = AUTO_ORDER) -> str:
+    """The engine `auto` means for a model on accelerator `kind`. Raises ValueError when a hook cannot tell."""
+    candidates = order[kind]
+    for name in candidates[:-1]:
+        info = ENGINES[name]
+        if info.supports is None:
+            return name
+        if importlib.util.find_spec(info.library) is None:
+            raise ValueError(
+                f"'auto' on {kind!r} asks {info.library} whether {name} runs the model, and {info.library} is not "
+                f"installed here; install it (see README: Engines) or set engine to one of {', '.join(candidates)}"
+            )
+        if _load(info.supports)(hf_config, source):
+            return name
+    return candidates[-1]
 
 
 def _load(path: str):

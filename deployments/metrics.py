@@ -35,7 +35,7 @@ Agent replicas (`deployments/agent.py`, `run` and `run_stream`):
 | tandem_agent_errors_total | counter | agent, error | runs that raised, by exception class |
 | tandem_agent_run_seconds | histogram | agent, status | wall-clock time per run |
 
-Gateway (`cluster/gateway.py`, an ASGI middleware; one count per HTTP request, when its response
+Gateway (`cluster/http_metrics.py`, an ASGI middleware; one count per HTTP request, when its response
 starts, or fails before that):
 
 | name | kind | tags | what |
@@ -44,7 +44,7 @@ starts, or fails before that):
 | tandem_http_errors_total | counter | route, status | requests answered with status >= 400 (499: the client went away first) |
 
 Replica counts are Serve's own, tagged with the deployment name (`BaseModel-<model>` or
-`BaseModel-<model>-<pool>`, `Agent-<agent>`, see `cluster.config.PoolPlan.deployment_name`) and
+`BaseModel-<model>-<pool>`, `Agent-<agent>`, see `cluster.resolve.PoolPlan.deployment_name`) and
 `application`: `ray_serve_deployment_replica_healthy` (healthy replicas),
 `ray_serve_autoscaling_target_replicas` and `ray_serve_autoscaling_desired_replicas` (autoscaled
 deployments), `ray_serve_deployment_replica_starts_total`; Tandem does not duplicate them.
@@ -294,43 +294,8 @@ def record_agent_stream(method):
     return run_stream
 
 
-# -- gateway ---------------------------------------------------------------------------------------
-
-
-class HTTPMetricsMiddleware:
-    """Pure ASGI middleware (streams pass through untouched): counts each HTTP request by its
-    route's path template, method and response status once the response starts; a request that
-    raises before that counts as 500, one whose client went away first as 499."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status: int | None = None
-
-        async def send_and_see(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_see)
-        except asyncio.CancelledError:
-            status = status or 499
-            raise
-        except BaseException:
-            status = status or 500
-            raise
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            record_http(route, scope.get("method", ""), status or 499)
-
-
 def record_http(route: str, method: str, status: int) -> None:
+    """One gateway HTTP request (the gateway's middleware, `cluster/http_metrics.py`, calls it)."""
     _record("tandem_http_requests_total", "inc", 1, {"route": route, "method": method, "status": str(status)})
     if status >= 400:
         _record("tandem_http_errors_total", "inc", 1, {"route": route, "status": str(status)})

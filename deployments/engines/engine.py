@@ -14,6 +14,10 @@ from typing import Any, AsyncIterator, Literal, Sequence
 
 FinishReason = Literal["stop", "length", "abort"]
 
+#: The JSON schema of "any JSON object": OpenAI's `response_format: {"type": "json_object"}` is
+#: this `json_schema` constraint on every engine.
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
 
 class EngineError(RuntimeError):
     """An engine-side failure of one request (the replica itself stays healthy)."""

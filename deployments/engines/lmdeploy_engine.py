@@ -43,8 +43,8 @@ from typing import Any, AsyncIterator, Literal, Sequence
 from lmdeploy.messages import GenerationConfig, PytorchEngineConfig, QuantPolicy, TurbomindEngineConfig
 from lmdeploy.serve.core import EngineHealthMonitor, ErrorCode, RequestError
 
-from deployments.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from deployments.engine import (
+from deployments.engines.text import IncrementalDetokenizer, StopStringMatcher
+from deployments.engines.engine import (
     Delta,
     Engine,
     EngineError,
@@ -314,6 +314,18 @@ def check_pytorch_args(engine_args: dict, device_count: int = 1, hf_config: dict
     """Config-time checks of an `lmdeploy-pytorch` model (no NPU needed); raises ValueError."""
     build_engine_config("pytorch", engine_args, device_count)
     _check_tp("lmdeploy-pytorch", device_count, hf_config)
+
+
+def turbomind_supports_model(hf_config: dict | None, source: str) -> bool:
+    """The registry's `supports` hook for `engine: auto` on a GPU: TurboMind when LMDeploy lists the
+    model's architecture. Raises ValueError when the architecture is unknown here."""
+    architectures = (hf_config or {}).get("architectures") or []
+    if not architectures:
+        raise ValueError(
+            f"'auto' on a GPU picks TurboMind or SGLang by the model's architecture, but the config.json of "
+            f"{source!r} is not on this machine; set engine: turbomind or engine: sglang"
+        )
+    return turbomind_supports(architectures[0])
 
 
 def turbomind_supports(architecture: str) -> bool:

@@ -21,10 +21,8 @@ from typing import Sequence
 import torch
 import xgrammar as xgr
 
-from deployments.engine import validate_constraint
+from deployments.engines.engine import JSON_OBJECT_SCHEMA, validate_constraint  # noqa: F401 - JSON_OBJECT_SCHEMA: its docstring refers to it
 
-#: The JSON schema of "any JSON object" (OpenAI's `response_format: {"type": "json_object"}`).
-JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
 # Memory bound of an engine's compiled-grammar cache (xgrammar evicts entries beyond it).
 _CACHE_LIMIT_BYTES = 128 << 20
@@ -32,11 +30,6 @@ _CACHE_LIMIT_BYTES = 128 << 20
 _MAX_COMPILE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: " (and checks with "Check failed: ...:").
 _XGR_ERROR_PREFIX = re.compile(r"^\s*(\[[0-9:]+\]\s*)?(\S+\.(cc|h|cpp):\d+:\s*)?(Check failed:.*?is false:\s*)?")
-
-
-def json_object_schema() -> str:
-    """The `json_schema` value for OpenAI's `response_format: {"type": "json_object"}`."""
-    return JSON_OBJECT_SCHEMA
 
 
 def _clean_error(error: BaseException) -> str:

@@ -65,8 +65,8 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import psutil
 
-from deployments.detokenizer import StopStringMatcher
-from deployments.engine import (
+from deployments.engines.text import StopStringMatcher
+from deployments.engines.engine import (
     Delta,
     Engine,
     EngineError,

@@ -6,7 +6,7 @@ model directory (config.json, model.safetensors, tokenizer.json, tokenizer_confi
 template, generation_config.json), so engines load it through exactly the same code path as a real
 model: `AutoModelForCausalLM.from_pretrained(dir)` / `AutoTokenizer.from_pretrained(dir)`.
 
-The model is trained for well under a minute on the embedded corpus in `builtin_corpus.py`, so greedy decoding
+The model is trained for well under a minute on the embedded corpus in `corpus.py`, so greedy decoding
 of the trained questions gives known answers ending with `<|im_end|>`. Its byte-level BPE vocabulary is
 deliberately small, so many Chinese characters span several tokens: exactly what streaming
 detokenization must handle without emitting U+FFFD mid-character.
@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from filelock import FileLock
+
+from deployments.models import corpus
+from deployments.models.corpus import CHAT_PAIRS, SYSTEM_PROMPTS, TOKENIZER_EXTRA_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +295,6 @@ def _write_tokenizer(out_dir: Path) -> int:
     """Train the byte-level BPE and write tokenizer.json and tokenizer_config.json. Returns the vocab size."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    from deployments.builtin_corpus import CHAT_PAIRS, SYSTEM_PROMPTS, TOKENIZER_EXTRA_TEXT
 
     tokenizer = Tokenizer(models.BPE())
     # Qwen2's pipeline (see _QWEN2_PRETOKENIZE_REGEX). Byte-level on both sides: every NFC-normalized
@@ -338,7 +340,6 @@ def _check_tokenizer_consistency(out_dir: Path, hf_tokenizer) -> None:
     how qwen2 tokenizers are rebuilt): engines that read tokenizer.json directly would see other ids."""
     from tokenizers import Tokenizer
 
-    from deployments.builtin_corpus import CHAT_PAIRS
 
     raw = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
     probes = [f"{IM_START}user\n{q}{IM_END}\n{IM_START}assistant\n{a}{IM_END}\n" for q, a in CHAT_PAIRS]
@@ -359,7 +360,6 @@ class _Sample:
 
 
 def _training_samples(tokenizer) -> list[_Sample]:
-    from deployments.builtin_corpus import CHAT_PAIRS, SYSTEM_PROMPTS
 
     samples = []
     for question, answer in CHAT_PAIRS:
@@ -537,10 +537,8 @@ def _train_and_save_weights(out_dir: Path, config, samples: list[_Sample]) -> No
 
 def _tiny_chat_fingerprint() -> str:
     """A short hash of everything the tiny-chat recipe depends on (data, shapes, hyperparameters)."""
-    from deployments import builtin_corpus
-
     recipe = {
-        "corpus": [builtin_corpus.CHAT_PAIRS, builtin_corpus.SYSTEM_PROMPTS, builtin_corpus.TOKENIZER_EXTRA_TEXT],
+        "corpus": [corpus.CHAT_PAIRS, corpus.SYSTEM_PROMPTS, corpus.TOKENIZER_EXTRA_TEXT],
         "template": CHAT_TEMPLATE,
         "special_tokens": SPECIAL_TOKENS,
         "pretokenize": _QWEN2_PRETOKENIZE_REGEX,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-tandem-test"
@@ -185,3 +186,37 @@ def model_handle(tandem_app):
     from ray import serve
 
     return serve.get_deployment_handle("BaseModel-tiny-chat", app_name="tandem")
+
+
+# -- engine tests: the built-in model, its tokenizer, one started transformers engine per module ---------
+# (Used by the test_*_engine.py, test_constraints.py and test_engine_seam.py modules; the libraries are
+# imported inside the fixtures so that sessions that run only cluster tests do not load them.)
+
+# Small steps so that prompts longer than 64 tokens are prefilled in chunks. One torch thread: on a
+# shared 2-core box, 2-thread OpenMP regions stall whenever the other core is busy, which slows a
+# tiny model's forward passes by 10-100x.
+ENGINE_TEST_ARGS = {"max_num_seqs": 32, "max_model_len": 256, "max_batch_tokens": 64, "num_threads": 1}
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    from deployments.models.builtin import resolve_model_source
+
+    return str(resolve_model_source("builtin:tiny-chat"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def engine(model_path):
+    from deployments.engines.transformers_engine import TransformersEngine
+
+    eng = TransformersEngine(model_path, ENGINE_TEST_ARGS)
+    await eng.start()
+    yield eng
+    await eng.shutdown()

@@ -1,36 +1,7 @@
-"""Shared by the engine test modules: the built-in model, one started engine per module, and
-small request helpers."""
+"""Shared by the engine test modules: small request helpers. (Their fixtures, the built-in model and one
+started transformers engine per module, are in conftest.py.)"""
 
-import pytest
-import pytest_asyncio
-from transformers import AutoTokenizer
-
-from deployments.models.builtin import resolve_model_source
 from deployments.engines.engine import GenerationRequest, SamplingParams
-from deployments.engines.transformers_engine import TransformersEngine
-
-# Small steps so that prompts longer than 64 tokens are prefilled in chunks. One torch thread: on a
-# shared 2-core box, 2-thread OpenMP regions stall whenever the other core is busy, which slows a
-# tiny model's forward passes by 10-100x.
-ENGINE_ARGS = {"max_num_seqs": 32, "max_model_len": 256, "max_batch_tokens": 64, "num_threads": 1}
-
-
-@pytest.fixture(scope="module")
-def model_path():
-    return str(resolve_model_source("builtin:tiny-chat"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return AutoTokenizer.from_pretrained(model_path)
-
-
-@pytest_asyncio.fixture(scope="module")
-async def engine(model_path):
-    eng = TransformersEngine(model_path, ENGINE_ARGS)
-    await eng.start()
-    yield eng
-    await eng.shutdown()
 
 
 def make_request(prompt=None, ids=None, request_id="t", **sampling) -> GenerationRequest:

@@ -10,24 +10,13 @@ import weakref
 
 import jsonschema
 import pytest
-import pytest_asyncio
 import torch
 import xgrammar as xgr
 from sglang.lang.ir import REGEX_INT
-from transformers import AutoTokenizer
 
 from deployments.models.corpus import CHAT_PAIRS
-from deployments.models.builtin import resolve_model_source
 from deployments.engines.constraints import GrammarConstraints, GrammarMask, apply_bitmask_torch
-from tests.engine_helpers import (  # noqa: F401 - fixtures
-    chat_prompt,
-    collect,
-    engine,
-    make_request,
-    model_path,
-    record_batch_rows,
-    tokenizer,
-)
+from tests.engine_helpers import chat_prompt, collect, make_request, record_batch_rows
 from deployments.engines.engine import JSON_OBJECT_SCHEMA
 from deployments.engines.transformers_engine import TransformersEngine
 
@@ -43,15 +32,9 @@ PERSON = {
 }
 
 
-
-
 @pytest.fixture(scope="module")
 def constraints(tokenizer):
     return GrammarConstraints(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
-
-
-
-
 
 
 async def _wait_idle(engine, timeout=5.0):
@@ -219,12 +202,13 @@ async def test_regex_is_fully_matched(engine, tokenizer):
 
 
 async def test_sglang_integer_regex_gives_an_int(engine, tokenizer):
-    for question in ["How old are you?", "What is 2 + 3?"]:
+    # The tiny model's greedy answers, held to the integer rule (which allows trailing whitespace).
+    expected = {"How old are you?": ("7 \n \n  \n \n ", 7), "What is 2 + 3?": ("20003341", 20003341)}
+    for question, (want_text, want_int) in expected.items():
         request = make_request(chat_prompt(tokenizer, question), max_tokens=16, temperature=0.0, regex=REGEX_INT)
         deltas, text, ids = await collect(engine, request)
         assert re.fullmatch(REGEX_INT, text), text
-        assert isinstance(int(text), int)  # REGEX_INT allows trailing spaces and newlines, which int() strips
-        assert deltas[-1].finish_reason in ("stop", "length")
+        assert (text, int(text), deltas[-1].finish_reason) == (want_text, want_int, "stop")
 
 
 async def test_json_schema_output_validates(engine, tokenizer):

@@ -1,10 +1,12 @@
-"""Incremental detokenization (UTF-8 safe) and stop-string holdback."""
+"""Incremental detokenization (UTF-8 safe), stop-string holdback, and `DeltaMapper`: token ids -> Deltas,
+the same for every engine."""
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from deployments.engines.text import IncrementalDetokenizer, StopStringMatcher
+from deployments.engines.engine import SamplingParams
+from deployments.engines.text import DeltaMapper, IncrementalDetokenizer, StopStringMatcher
 
 # Characters outside the training text stay raw bytes: 3 byte-tokens per CJK character, 4 per emoji.
 TEXT = "Hello 你好, 世界! 龘靐齉 🙂 the end. 北京是中国的首都。"
@@ -107,3 +109,97 @@ def test_no_stop_strings_passes_text_through():
     matcher = StopStringMatcher([])
     assert matcher.feed("abc") == ("abc", None)
     assert matcher.flush() == ""
+
+
+# -- DeltaMapper: an engine's token ids -> Deltas -------------------------------------------------
+
+
+def _mapper(tokenizer, prompt="Q: ", **sampling) -> DeltaMapper:
+    return DeltaMapper(tokenizer, SamplingParams(**sampling), tokenizer.encode(prompt))
+
+
+def _one_step_each(mapper: DeltaMapper, ids: list[int]) -> list:
+    deltas = []
+    for t in ids:
+        delta = mapper.feed([t])
+        deltas.append(delta)
+        if delta.finish_reason is not None:
+            break
+    return deltas
+
+
+def test_stop_string_across_steps_and_split_characters(tokenizer):
+    ids = tokenizer.encode(TEXT)  # "世界" is two tokens, split inside "世"; "!" is the next one
+    mapper = _mapper(tokenizer, stop=["世界!"])
+    deltas = _one_step_each(mapper, ids)
+    assert [d.text for d in deltas] == ["Hell", "o", " ", "你好", ",", " ", "", "", ""]
+    assert [d.token_ids for d in deltas] == [[t] for t in ids[:9]]
+    assert [d.completion_tokens for d in deltas] == list(range(1, 10))
+    assert {d.prompt_tokens for d in deltas} == {len(tokenizer.encode("Q: "))}
+    assert [(d.finish_reason, d.stop_reason) for d in deltas] == [(None, None)] * 8 + [("stop", "世界!")]
+    assert mapper.finished
+    with pytest.raises(RuntimeError, match="already finished"):
+        mapper.feed([5])
+
+
+def test_utf8_split_characters_stream_whole(tokenizer):
+    ids = tokenizer.encode(TEXT)
+    deltas = _one_step_each(_mapper(tokenizer), ids)
+    assert not any("\ufffd" in d.text for d in deltas)
+    assert "".join(d.text for d in deltas) == TEXT
+    assert [d.completion_tokens for d in deltas] == list(range(1, len(ids) + 1))
+    # Each byte of "龘" is a step of its own: the character comes out whole with its last byte.
+    dragon = ids.index(tokenizer.encode("龘")[0])
+    assert [d.text for d in deltas[dragon : dragon + 3]] == ["", "", "龘"]
+    # The same ids in one step, ended by length.
+    whole = _mapper(tokenizer).feed(ids, "length")
+    assert (whole.text, whole.finish_reason, whole.stop_reason, whole.completion_tokens) == (
+        TEXT, "length", None, len(ids),
+    )
+
+
+def test_held_back_text_that_is_no_stop_string_is_released(tokenizer):
+    mapper = _mapper(tokenizer, stop=["world peace"])
+    steps = [mapper.feed(tokenizer.encode("Hello")), mapper.feed(tokenizer.encode(" world"))]
+    steps.append(mapper.feed(tokenizer.encode(" the end."), "length"))
+    assert [d.text for d in steps] == ["Hello", " ", "world the end."]
+    assert [(d.completion_tokens, d.finish_reason) for d in steps] == [(2, None), (3, None), (6, "length")]
+
+
+def test_a_stop_token_id_ends_the_request_inside_a_step(tokenizer):
+    ids = tokenizer.encode("Hello 你好, the end")
+    comma = tokenizer.encode(",")[0]
+    mapper = _mapper(tokenizer, stop_token_ids=[comma])
+    delta = mapper.feed(ids)  # the engine did not stop on it (e.g. it ran with ignore_eos)
+    assert (delta.text, delta.token_ids, delta.completion_tokens) == ("Hello 你好", ids[: ids.index(comma) + 1], 5)
+    assert (delta.finish_reason, delta.stop_reason, mapper.finished) == ("stop", comma, True)
+
+
+def test_stop_token_vs_eos_vs_length_finish_reasons(tokenizer):
+    hello, world, eos = tokenizer.encode("Hello"), tokenizer.encode(" world")[0], tokenizer.eos_token_id
+
+    def last(finish, matched=None, ids=hello + [world], **sampling):
+        delta = _mapper(tokenizer, **sampling).feed(ids, finish, matched)
+        return delta.text, delta.finish_reason, delta.stop_reason, delta.completion_tokens
+
+    # The token the engine stopped on counts but is not text; it is the stop_reason only when requested.
+    assert last("stop", eos, hello + [eos]) == ("Hello", "stop", None, 3)
+    assert last("stop", world) == ("Hello", "stop", None, 3)
+    assert last("stop", world, stop_token_ids=[world]) == ("Hello", "stop", world, 3)
+    assert last("stop", world, hello, stop_token_ids=[world]) == ("Hello", "stop", world, 2)  # named, not sent
+    # LMDeploy does not name it: the last token, unless its text holds a stop string (it stops on such tokens).
+    assert last("stop") == ("Hello", "stop", None, 3)
+    assert last("stop", stop=["wor"]) == ("Hello ", "stop", "wor", 3)
+    # A stop string the engine matched though the text here does not show it.
+    assert last("stop", "zzz", stop=["zzz"]) == ("Hello world", "stop", "zzz", 3)
+    assert last("length") == ("Hello world", "length", None, 3)
+    assert last("abort") == ("Hello world", "abort", None, 3)
+
+
+def test_steps_that_add_nothing_give_no_delta(tokenizer):
+    mapper = _mapper(tokenizer)
+    assert mapper.feed([]) is None
+    first = mapper.feed(tokenizer.encode("龘")[:1])  # an id, no text yet
+    assert (first.text, first.completion_tokens) == ("", 1)
+    end = mapper.feed([], "abort")
+    assert (end.text, end.token_ids, end.finish_reason, end.completion_tokens) == ("\ufffd", [], "abort", 1)

@@ -1,4 +1,4 @@
-"""The LMDeploy adapters (`deployments/engines/lmdeploy_engine.py`) against the real installed lmdeploy, on CPU.
+"""The LMDeploy adapters (`deployments/engines/lmdeploy_engine.py`, `lmdeploy_config.py`) against the real installed lmdeploy, on CPU.
 
 What runs for real here: LMDeploy's config dataclasses and their checks, its GenerationConfig, its xgrammar
 response_format check, its output types (GenOut, Response, EngineOutput) and its whole serving layer
@@ -35,18 +35,16 @@ from transformers import AutoTokenizer
 
 from deployments.models.builtin import resolve_model_source
 from deployments.engines.engine import EngineError, GenerationRequest, PromptTooLongError, SamplingParams
-from deployments.engines.registry import engine_args_checker
-from deployments.engines.lmdeploy_engine import (
-    DeltaMapper,
-    LMDeployPytorchEngine,
-    TurbomindEngine,
+from deployments.engines.registry import engine_args_checker, pick_engine
+from deployments.engines.lmdeploy_config import (
     build_engine_config,
     check_pytorch_args,
     check_turbomind_args,
     generation_config,
     turbomind_supports,
 )
-from tests.engine_helpers import model_path, tokenizer  # noqa: F401 - fixtures: the built-in model
+from deployments.engines.lmdeploy_engine import LMDeployPytorchEngine, TurbomindEngine, delta_from_output
+from deployments.engines.text import DeltaMapper
 
 QWEN2_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 28, "num_key_value_heads": 4}
 ANSWER = "7 * 6 = 42."
@@ -173,6 +171,9 @@ def test_check_turbomind_args_knows_the_model():
 def test_registry_finds_the_checkers():
     assert engine_args_checker("turbomind") is check_turbomind_args
     assert engine_args_checker("lmdeploy-pytorch") is check_pytorch_args
+    # `engine: auto` on a GPU asks lmdeploy_config's supports hook.
+    assert pick_engine("gpu", QWEN2_CONFIG, "some/model") == "turbomind"
+    assert pick_engine("gpu", {"architectures": ["GPT2LMHeadModel"]}, "some/model") == "sglang"
 
 
 def test_turbomind_supports():
@@ -265,7 +266,7 @@ def gen_outs(tokenizer, prompt_len: int, ids: list[int], finish: str, final_ids=
 def map_all(mapper: DeltaMapper, outputs) -> list:
     deltas = []
     for output in outputs:
-        delta = mapper(output)
+        delta = delta_from_output(mapper, output)
         if delta is not None:
             deltas.append(delta)
         if delta is not None and delta.finish_reason is not None:
@@ -326,8 +327,8 @@ def test_deltas_for_a_stop_word_lmdeploy_stopped_on(tokenizer):
 def test_deltas_cut_a_stop_token_inside_a_step_under_ignore_eos(tokenizer):
     ids = tokenizer.encode(ANSWER)
     mapper = DeltaMapper(tokenizer, SamplingParams(stop_token_ids=[ids[4]], ignore_eos=True), [1])
-    first = mapper(GenOut("", 1, 3, None, token_ids=ids[:3]))
-    delta = mapper(GenOut("", 1, 7, None, token_ids=ids[3:7]))  # " =" arrives mid-step
+    first = delta_from_output(mapper, GenOut("", 1, 3, None, token_ids=ids[:3]))
+    delta = delta_from_output(mapper, GenOut("", 1, 7, None, token_ids=ids[3:7]))  # " =" arrives mid-step
     assert first.text + delta.text == "7 * 6"
     assert (delta.token_ids, delta.completion_tokens) == (ids[3:5], 5)
     assert (delta.finish_reason, delta.stop_reason) == ("stop", ids[4])
@@ -352,7 +353,7 @@ def test_deltas_from_pipeline_responses(tokenizer):
 
 def test_error_output_is_an_engine_error(tokenizer):
     with pytest.raises(EngineError, match="LMDeploy failed the request"):
-        DeltaMapper(tokenizer, SamplingParams(), [1])(GenOut("", 1, 0, "error", token_ids=[]))
+        delta_from_output(DeltaMapper(tokenizer, SamplingParams(), [1]), GenOut("", 1, 0, "error", token_ids=[]))
 
 
 # -- the adapters, with the accelerator-bound engine core replaced ------------------------------

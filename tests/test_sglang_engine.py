@@ -1,4 +1,5 @@
-"""The SGLang engine adapter, against the real installed sglang (0.5.23) on CPU.
+"""The SGLang engine adapter (`sglang_engine.py`, `sglang_config.py`, `sglang_thread.py`), against the real
+installed sglang (0.5.23) on CPU.
 
 Config mapping and sampling are checked by SGLang's own `ServerArgs` / `SamplingParams`. Result dicts are
 shaped as SGLang's TokenizerManager builds them (`_handle_batch_output`), with finish reasons as
@@ -22,22 +23,14 @@ from sglang.srt.managers.load_snapshot import LoadSnapshot
 from sglang.srt.sampling.sampling_params import TOP_K_ALL
 from sglang.srt.sampling.sampling_params import SamplingParams as SGLangSamplingParams
 from sglang.srt.server_args import ServerArgs
-from transformers import AutoTokenizer
 
-from deployments.models.builtin import read_model_config, resolve_model_source
+from deployments.models.builtin import read_model_config
 from deployments.engines.engine import EngineError, GenerationRequest, PromptTooLongError, SamplingParams
 from deployments.engines.registry import engine_args_checker
-from deployments.engines.sglang_engine import (
-    EngineThread,
-    ResultState,
-    SGLangEngine,
-    build_server_args,
-    check_engine_args,
-    delta_from_result,
-    kill_process_trees,
-    sampling_params,
-)
-from tests.engine_helpers import model_path, tokenizer  # noqa: F401 - fixtures: the built-in model
+from deployments.engines.sglang_config import build_server_args, check_engine_args, sampling_params
+from deployments.engines.sglang_engine import ResultState, SGLangEngine, delta_from_result
+from deployments.engines.sglang_thread import EngineThread, kill_process_trees
+from deployments.engines.text import DeltaMapper
 
 
 # -- SGLang's result shapes ----------------------------------------------------------------------
@@ -86,8 +79,9 @@ def cumulative(results: list[dict]) -> list[dict]:
     return out
 
 
-def deltas_of(results, **state):
-    st = ResultState(**state)
+def deltas_of(tokenizer, results, incremental=True, prompt_ids=(1, 2, 3), **sampling):
+    """The Deltas of a stream of result dicts; their text is Tandem's decoding of the output ids."""
+    st = ResultState(DeltaMapper(tokenizer, SamplingParams(**sampling), list(prompt_ids)), incremental=incremental)
     return [d for r in results if (d := delta_from_result(r, st)) is not None], st
 
 
@@ -195,57 +189,66 @@ def test_bad_sampling_is_rejected(sampling, message):
 # -- result dicts -> deltas ----------------------------------------------------------------------
 
 
-def test_stop_string_is_cut_even_where_sglang_streamed_its_start():
+def test_stop_string_is_cut_even_where_sglang_streamed_its_start(tokenizer):
     # With no_stop_trim SGLang streams "Hello E" and then "ND" on the token that completes "END".
-    stream = [result("Hello E", [11, 12], 5, 2), result("ND", [13], 5, 3, stop_str("END"))]
+    hello, nd = tokenizer.encode("Hello E"), tokenizer.encode("ND")
+    stream = [result("Hello E", hello, 3, len(hello)), result("ND", nd, 3, len(hello + nd), stop_str("END"))]
     for results, incremental in ((stream, True), (cumulative(stream), False)):
-        deltas, state = deltas_of(results, incremental=incremental, stop=["END"])
+        deltas, state = deltas_of(tokenizer, results, incremental=incremental, stop=["END"])
         assert [d.text for d in deltas] == ["Hello ", ""]
-        assert [d.token_ids for d in deltas] == [[11, 12], [13]]
+        assert [d.token_ids for d in deltas] == [hello, nd]
         last = deltas[-1]
         assert (last.finish_reason, last.stop_reason) == ("stop", "END")
-        assert (last.prompt_tokens, last.completion_tokens) == (5, 3)
+        assert (last.prompt_tokens, last.completion_tokens) == (3, len(hello + nd))
         assert state.finished and state.engine_finished
 
 
-def test_stop_string_matched_before_sglang_finishes_leaves_abort_to_the_caller():
-    deltas, state = deltas_of([result("x STOP y", [5, 6], 3, 2)], stop=["STOP"])
+def test_stop_string_matched_before_sglang_finishes_leaves_abort_to_the_caller(tokenizer):
+    ids = tokenizer.encode("x STOP y")
+    deltas, state = deltas_of(tokenizer, [result("x STOP y", ids, 3, len(ids))], stop=["STOP"])
     assert [(d.text, d.finish_reason, d.stop_reason) for d in deltas] == [("x ", "stop", "STOP")]
     assert state.finished and not state.engine_finished
 
 
-def test_stop_token_eos_length_and_usage():
-    stream = [result("Hi", [4], 3, 1), result(" there", [9], 3, 2), result("", [7], 3, 3, stop_token(7))]
-    deltas, _ = deltas_of(stream, stop_token_ids=[7])
+def test_stop_token_eos_length_and_usage(tokenizer):
+    hi, there, stop_id = tokenizer.encode("Hi"), tokenizer.encode(" there"), 7
+    stream = [result("Hi", hi, 3, 2), result(" there", there, 3, 5), result("", [stop_id], 3, 6, stop_token(stop_id))]
+    deltas, _ = deltas_of(tokenizer, stream, stop_token_ids=[stop_id])
     assert "".join(d.text for d in deltas) == "Hi there"
     assert (deltas[-1].finish_reason, deltas[-1].stop_reason, deltas[-1].token_ids, deltas[-1].completion_tokens) == (
-        "stop", 7, [7], 3,
+        "stop", 7, [7], 6,
     )
-    eos, _ = deltas_of([result("Hi", [4, 2], 3, 2, stop_token(2))], stop_token_ids=[7])
-    assert (eos[-1].finish_reason, eos[-1].stop_reason) == ("stop", None)  # EOS is not a requested stop
-    capped, _ = deltas_of(cumulative([result("a", [4], 3, 1), result("b", [5], 3, 2, length(2))]), incremental=False)
-    assert [(d.text, d.finish_reason) for d in capped] == [("a", None), ("b", "length")]
-    # no_stop_trim (sent with stop strings) keeps a stop token's text: it is dropped here.
-    final = result("fine.", [4, 8], 3, 2, stop_token(8))
-    kept, _ = deltas_of([final], stop=["zz"], stop_token_ids=[8], token_text=lambda t: ".")
-    assert (kept[-1].text, kept[-1].stop_reason) == ("fine", 8)
+    eos = tokenizer.eos_token_id
+    ended, _ = deltas_of(tokenizer, [result("Hi", hi + [eos], 3, 3, stop_token(eos))], stop_token_ids=[7])
+    assert [(d.text, d.finish_reason, d.stop_reason) for d in ended] == [("Hi", "stop", None)]  # EOS: not a requested stop
+    a, b = tokenizer.encode("a"), tokenizer.encode("b")
+    capped, _ = deltas_of(tokenizer, cumulative([result("a", a, 3, 1), result("b", b, 3, 2, length(2))]), incremental=False)
+    assert [(d.text, d.token_ids, d.finish_reason, d.completion_tokens) for d in capped] == [
+        ("a", a, None, 1), ("b", b, "length", 2),
+    ]
+    # The stop token's text is never part of the text (SGLang's no_stop_trim, sent with stop strings, keeps it).
+    dot = tokenizer.encode(".")[0]
+    fine = tokenizer.encode("fine") + [dot]
+    kept, _ = deltas_of(tokenizer, [result("fine.", fine, 3, 4, stop_token(dot))], stop=["zz"], stop_token_ids=[dot])
+    assert (kept[-1].text, kept[-1].stop_reason, kept[-1].completion_tokens) == ("fine", dot, 4)
 
 
-def test_aborts_map_to_finish_reason_or_errors():
-    plain, _ = deltas_of([result("par", [4], 3, 1), result("", [], 3, 1, abort())])
+def test_aborts_map_to_finish_reason_or_errors(tokenizer):
+    par = tokenizer.encode("par")
+    plain, _ = deltas_of(tokenizer, [result("par", par, 3, 2), result("", [], 3, 2, abort())])
     assert [(d.text, d.finish_reason) for d in plain] == [("par", None), ("", "abort")]
     too_long = "The input (300 tokens) is longer than the model's context length (256 tokens)."
     with pytest.raises(PromptTooLongError) as info:
-        deltas_of([result("", [], 300, 0, abort(too_long, 400, "BadRequestError"))])
+        deltas_of(tokenizer, [result("", [], 300, 0, abort(too_long, 400, "BadRequestError"))])
     assert (info.value.prompt_tokens, info.value.max_model_len) == (300, 256)
     with pytest.raises(ValueError, match="grammar"):
-        deltas_of([result("", [], 3, 0, abort("Failed to compile the grammar", 400, "BadRequestError"))])
+        deltas_of(tokenizer, [result("", [], 3, 0, abort("Failed to compile the grammar", 400, "BadRequestError"))])
     with pytest.raises(EngineError, match="out of memory"):
-        deltas_of([result("", [], 3, 0, abort("out of memory", 500, "InternalServerError"))])
-    state = ResultState()
-    delta_from_result(result("x", [4], 3, 1, length(1)), state)
+        deltas_of(tokenizer, [result("", [], 3, 0, abort("out of memory", 500, "InternalServerError"))])
+    state = ResultState(DeltaMapper(tokenizer, SamplingParams(), [1]))
+    delta_from_result(result("x", [90], 3, 1, length(1)), state)
     with pytest.raises(EngineError):
-        delta_from_result(result("y", [5], 3, 2), state)
+        delta_from_result(result("y", [91], 3, 2), state)
 
 
 # -- the adapter with the SGLang core replaced ---------------------------------------------------
@@ -342,7 +345,8 @@ def request(request_id="req-1", prompt=None, ids=None, **sampling) -> Generation
 async def test_generate_streams_deltas_with_replaced_sglang_core(model_path, tokenizer):
     loads = [LoadSnapshot(num_running_reqs=2, num_waiting_reqs=1, token_usage=0.25, gen_throughput=12.5)]
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    core = ReplacedSGLangCore([("Hi", [5], None), (" there", [6], None), ("", [eos], stop_token(eos))], loads=loads)
+    hi, there = tokenizer.encode("Hi"), tokenizer.encode(" there")
+    core = ReplacedSGLangCore([("Hi", hi, None), (" there", there, None), ("", [eos], stop_token(eos))], loads=loads)
     launched = []
     engine = engine_with_replaced_core(model_path, tokenizer, core, {"mem_fraction_static": 0.5}, launched)
     await engine.start()
@@ -355,7 +359,7 @@ async def test_generate_streams_deltas_with_replaced_sglang_core(model_path, tok
         assert "".join(d.text for d in deltas) == "Hi there"
         prompt_ids = tokenizer("Hello")["input_ids"]
         assert (deltas[-1].finish_reason, deltas[-1].stop_reason) == ("stop", None)
-        assert (deltas[-1].prompt_tokens, deltas[-1].completion_tokens) == (len(prompt_ids), 3)
+        assert (deltas[-1].prompt_tokens, deltas[-1].completion_tokens) == (len(prompt_ids), len(hi + there) + 1)
         sent = core.requests[0]
         assert sent["input_ids"] == prompt_ids and sent["stream"] and sent["rid"].startswith("req-1-")
         assert sent["sampling_params"]["max_new_tokens"] == 8 and sent["thread"] == build_thread
@@ -379,7 +383,7 @@ async def test_generate_streams_deltas_with_replaced_sglang_core(model_path, tok
 
 
 async def test_cancel_aborts_request_with_replaced_sglang_core(model_path, tokenizer):
-    core = ReplacedSGLangCore([("a", [5], None), ("b", [6], None)])
+    core = ReplacedSGLangCore([("a", tokenizer.encode("a"), None), ("b", tokenizer.encode("b"), None)])
     engine = engine_with_replaced_core(model_path, tokenizer, core)
     await engine.start()
     try:
@@ -393,7 +397,7 @@ async def test_cancel_aborts_request_with_replaced_sglang_core(model_path, token
         assert abort_thread == core.requests[0]["thread"]  # on the engine thread that owns SGLang's sockets
 
         # A stop string matched here, before SGLang finishes: the request is aborted there too.
-        core.script, core.stream_closed = [("x STOP y", [5, 6], None)], threading.Event()
+        core.script, core.stream_closed = [("x STOP y", tokenizer.encode("x STOP y"), None)], threading.Event()
         deltas = [d async for d in engine.generate(request("stopped", ids=[1, 2], stop=["STOP"]))]
         assert [(d.text, d.finish_reason, d.stop_reason) for d in deltas] == [("x ", "stop", "STOP")]
         await wait_for(lambda: len(core.tokenizer_manager.aborted) == 2 and core.stream_closed.is_set())

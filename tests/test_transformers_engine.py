@@ -5,27 +5,19 @@ import asyncio
 import math
 
 import pytest
-import pytest_asyncio
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from deployments.models.corpus import CHAT_PAIRS
-from deployments.models.builtin import resolve_model_source
-from tests.engine_helpers import (  # noqa: F401 - fixtures
-    chat_prompt,
-    collect,
-    engine,
-    make_request,
-    model_path,
-    record_batch_rows,
-    tokenizer,
-)
-from deployments.engines.engine import EngineError, GenerationRequest, PromptTooLongError, SamplingParams
-from deployments.engines.transformers_engine import TransformersEngine, _gumbel_sample_scores, _RequestSlot
+from tests.engine_helpers import chat_prompt, collect, make_request, record_batch_rows
+from deployments.engines.engine import EngineError, PromptTooLongError
+from deployments.engines import transformers_engine
+from deployments.engines.registry import engine_args_checker
+from deployments.engines.transformers_config import check_engine_args
+from deployments.engines.transformers_engine import TransformersEngine
+from deployments.engines.transformers_sampling import RequestSlot, gumbel_sample_scores
 
 QUESTIONS = [q for q, _ in CHAT_PAIRS]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +28,6 @@ def reference_model(model_path):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # decode past EOS, like the engine with ignore_eos
     return model
-
-
-
-
 
 
 def _hf_greedy(model, tokenizer, prompt, max_new_tokens):
@@ -70,7 +58,7 @@ async def _wait_idle(engine, timeout=5.0):
 
 
 def _slot(**kw):
-    return _RequestSlot(**{"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0, "prompt_len": 1, **kw})
+    return RequestSlot(**{"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0, "prompt_len": 1, **kw})
 
 
 def test_gumbel_argmax_samples_the_tempered_distribution():
@@ -78,32 +66,41 @@ def test_gumbel_argmax_samples_the_tempered_distribution():
     counts = torch.zeros(4)
     n = 2000
     for seed in range(n):
-        counts[_gumbel_sample_scores(logits[None], [_slot(temperature=0.7, seed=seed)]).argmax()] += 1
+        counts[gumbel_sample_scores(logits[None], [_slot(temperature=0.7, seed=seed)]).argmax()] += 1
     expected = torch.softmax(logits / 0.7, dim=-1)
     assert torch.allclose(counts / n, expected, atol=0.04), (counts / n, expected)
 
 
 def test_top_k_and_top_p_restrict_the_support():
     logits = torch.tensor([3.0, 2.9, 0.0, -1.0, -2.0])
-    top_k = {int(_gumbel_sample_scores(logits[None], [_slot(top_k=2, seed=s)]).argmax()) for s in range(300)}
+    top_k = {int(gumbel_sample_scores(logits[None], [_slot(top_k=2, seed=s)]).argmax()) for s in range(300)}
     assert top_k == {0, 1}
     # p = (0.505, 0.457, 0.025, ...): top_p=0.6 keeps tokens 0 and 1, top_p=0.5 keeps token 0 alone
-    top_p = {int(_gumbel_sample_scores(logits[None], [_slot(top_p=0.6, seed=s)]).argmax()) for s in range(300)}
+    top_p = {int(gumbel_sample_scores(logits[None], [_slot(top_p=0.6, seed=s)]).argmax()) for s in range(300)}
     assert top_p == {0, 1}
-    only = {int(_gumbel_sample_scores(logits[None], [_slot(top_p=0.5, seed=s)]).argmax()) for s in range(100)}
+    only = {int(gumbel_sample_scores(logits[None], [_slot(top_p=0.5, seed=s)]).argmax()) for s in range(100)}
     assert only == {0}
 
 
 def test_noise_depends_only_on_seed_and_position():
     logits = torch.randn(2, 50)
-    a = _gumbel_sample_scores(logits, [_slot(seed=7, position=3), _slot(temperature=2.0, seed=1)])
-    b = _gumbel_sample_scores(logits[:1], [_slot(seed=7, position=3)])
+    a = gumbel_sample_scores(logits, [_slot(seed=7, position=3), _slot(temperature=2.0, seed=1)])
+    b = gumbel_sample_scores(logits[:1], [_slot(seed=7, position=3)])
     assert torch.equal(a[0], b[0])
-    c = _gumbel_sample_scores(logits[:1], [_slot(seed=7, position=4)])
+    c = gumbel_sample_scores(logits[:1], [_slot(seed=7, position=4)])
     assert not torch.equal(b, c)
 
 
 # -- construction and validation -----------------------------------------------------------------
+
+
+def test_registry_finds_the_checker():
+    assert engine_args_checker("transformers") is check_engine_args
+    check_engine_args({"max_num_seqs": 4, "dtype": "bfloat16"})
+    with pytest.raises(ValueError, match=r"^engine_args\.max_num_seqs must be a positive integer, got 0$"):
+        check_engine_args({"max_num_seqs": 0})
+    with pytest.raises(ValueError, match="accelerator.count must be 1, got 2"):
+        check_engine_args({}, 2)
 
 
 def test_unknown_engine_arg_names_the_key_and_the_allowed_ones(model_path):
@@ -343,8 +340,8 @@ async def test_closing_the_stream_cancels_and_frees_the_slot(engine):
     assert engine.stats().running == 1
     await stream.aclose()
     await _wait_idle(engine)
-    deltas, _, ids = await collect(engine, make_request("Hello", max_tokens=4, temperature=0.0))
-    assert deltas[-1].finish_reason in ("length", "stop") and ids
+    deltas, text, ids = await collect(engine, make_request("Hello", max_tokens=4, temperature=0.0))
+    assert (text, deltas[-1].finish_reason, len(ids)) == ("! helpful", "length", 4)
 
 
 async def test_cancelling_the_consumer_task_cancels_the_request(engine):
@@ -440,8 +437,6 @@ async def test_prompt_logprobs_agree_with_score(engine, tokenizer):
 
 
 async def test_prompt_logprobs_split_over_several_forward_passes_are_the_same(engine, tokenizer, monkeypatch):
-    from deployments import transformers_engine
-
     sequences = [tokenizer(chat_prompt(tokenizer, q))["input_ids"] for q in QUESTIONS[:6]]
     forwards = []
     forward = engine._forward_logprobs

@@ -9,8 +9,11 @@ from __future__ import annotations
 import abc
 import json
 import math
+import threading
+import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator, Literal, Sequence
+from typing import Any, AsyncIterator, Callable, Literal, Sequence
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -159,7 +162,8 @@ class Delta:
 
     `text` never ends inside an incomplete UTF-8 sequence and never contains text past a stop string.
     The last delta of a request has `finish_reason` set; `prompt_tokens` and `completion_tokens` are
-    running totals, so the last delta carries the request's usage.
+    running totals, so the last delta carries the request's usage. (Every engine builds its deltas with
+    `text.DeltaMapper`, which keeps these.)
     """
 
     text: str
@@ -183,11 +187,51 @@ class EngineStats:
         return asdict(self)
 
 
+class RateMeter:
+    """Events per second over the last `window_s` seconds (thread-safe: stats may be read off-loop)."""
+
+    def __init__(self, window_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self._window_s = window_s
+        self._clock = clock
+        self._events: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, count: int) -> None:
+        if count <= 0:
+            return
+        now = self._clock()
+        with self._lock:
+            self._events.append((now, count))
+            self._trim(now)
+
+    def rate(self) -> float:
+        with self._lock:
+            self._trim(self._clock())
+            return sum(count for _, count in self._events) / self._window_s
+
+    def _trim(self, now: float) -> None:
+        while self._events and self._events[0][0] < now - self._window_s:
+            self._events.popleft()
+
+
 class Engine(abc.ABC):
-    """An inference engine adapter. One instance per base-model replica."""
+    """An inference engine adapter. One instance per base-model replica.
+
+    The request work every engine shares is done here, once: prompt -> token ids with their checks, the
+    context-fit check, `prompt_logprobs`' input checks, `score` (on top of the engine's `prompt_logprobs`),
+    and health (`check_health`, and `stats().healthy`, from the one hook `_health_error`). Adapters set
+    `_tokenizer` (the model's Hugging Face tokenizer; None until `start()` where the engine loads its own)
+    and `_vocab_size` (the model's vocabulary: valid token ids are [0, _vocab_size)).
+    """
 
     #: the engine name used in config (`transformers`, `turbomind`, ...)
     name: str = ""
+    #: Context a sequence to score needs beyond its own tokens: engines that score a sequence by
+    #: running it as a prompt need room for one more step.
+    scoring_headroom: int = 0
+
+    _tokenizer: Any = None
+    _vocab_size: int = 0
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -202,13 +246,10 @@ class Engine(abc.ABC):
         """Stream deltas for one request. Closing the iterator early cancels the request and frees its slot."""
 
     @abc.abstractmethod
-    async def score(self, prompt: str, continuations: list[str]) -> list[float]:
-        """Sum of the log-probabilities of each continuation's tokens given the prompt."""
-
-    @abc.abstractmethod
     async def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float | None]]:
         """For each sequence, the log-probability of every token given the tokens before it
-        (None for the first token). Backs SGLang's `select` and `/generate` with `return_logprob`."""
+        (None for the first token). Backs SGLang's `select` and `/generate` with `return_logprob`.
+        Adapters check their input with `_logprob_sequences`."""
 
     async def flush_cache(self) -> int:
         """Drop the prefix cache kept for reuse across requests; returns the blocks freed.
@@ -217,13 +258,91 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> EngineStats:
-        """Current load, for routing and autoscaling."""
-
-    @abc.abstractmethod
-    def check_health(self) -> None:
-        """Raise if the engine can no longer serve (e.g. its loop died)."""
+        """Current load, for routing and autoscaling (`healthy`: `self.healthy()`)."""
 
     @property
     @abc.abstractmethod
     def max_model_len(self) -> int:
         """The context length in tokens."""
+
+    # -- health ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _health_error(self) -> str | None:
+        """Why the engine cannot serve now (`self._not_started()` before `start()` and after `shutdown()`,
+        a dead loop, ...), or None when it can. The engine's one health hook."""
+
+    def _not_started(self) -> str:
+        return f"the {self.name} engine is not started"
+
+    def check_health(self) -> None:
+        """Raise EngineError if the engine cannot serve (not started, its loop died, ...). Every request
+        starts with this check."""
+        error = self._health_error()
+        if error is not None:
+            raise EngineError(error)
+
+    def healthy(self) -> bool:
+        return self._health_error() is None
+
+    # -- request checks --------------------------------------------------------------------------
+
+    def _prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        """The request's prompt as token ids: exactly one of `prompt` (tokenized with the tokenizer's default
+        special tokens: the caller has already applied any chat template) and `prompt_token_ids` (ids in
+        [0, vocab)); never empty. Raises ValueError."""
+        if (request.prompt is None) == (request.prompt_token_ids is None):
+            raise ValueError("give exactly one of prompt and prompt_token_ids")
+        if request.prompt is not None:
+            if self._tokenizer is None:
+                raise EngineError(f"the {self.name} engine has no tokenizer for prompt text")
+            ids = list(self._tokenizer(request.prompt)["input_ids"])
+        else:
+            ids = list(request.prompt_token_ids)
+            self._check_token_ids(ids, "prompt_token_ids")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def _check_token_ids(self, ids: Sequence[Any], what: str) -> None:
+        vocab = self._vocab_size
+        if not all(_is_int(t) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"{what} must be token ids in [0, {vocab})")
+
+    def _check_fits(self, prompt_tokens: int, max_tokens: int | None = None) -> None:
+        """Raise PromptTooLongError unless `prompt_tokens` plus `max_tokens` generated tokens fit the context.
+        max_tokens None: a sequence to score, which needs `scoring_headroom` more."""
+        limit = self.max_model_len
+        extra = self.scoring_headroom if max_tokens is None else max_tokens
+        if prompt_tokens + extra > limit:
+            raise PromptTooLongError(prompt_tokens, limit, max_tokens)
+
+    def _logprob_sequences(self, token_ids: Any) -> list[list[int]]:
+        """`prompt_logprobs`' input checked: a list of token-id lists, each id in [0, vocab), each sequence
+        fitting the context. Raises ValueError (PromptTooLongError for length)."""
+        if not isinstance(token_ids, (list, tuple)) or not all(isinstance(ids, (list, tuple)) for ids in token_ids):
+            raise ValueError("token_ids must be a list of token-id lists")
+        sequences = [list(ids) for ids in token_ids]
+        for ids in sequences:
+            self._check_token_ids(ids, "token_ids")
+            self._check_fits(len(ids))
+        return sequences
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    async def score(self, prompt: str, continuations: list[str]) -> list[float]:
+        """Sum of the log-probabilities of each continuation's tokens given the prompt, from the engine's
+        `prompt_logprobs` of prompt + continuation (see `continuation_sequences`)."""
+        self.check_health()
+        if not isinstance(prompt, str) or not all(isinstance(c, str) for c in continuations):
+            raise ValueError("prompt and continuations must be strings")
+        if not continuations:
+            return []
+        if self._tokenizer is None:
+            raise EngineError(f"the {self.name} engine has no tokenizer to score text")
+        sequences = continuation_sequences(self._tokenizer, prompt, list(continuations))
+        for full_ids, _ in sequences:
+            self._check_fits(len(full_ids))
+        logprobs = await self.prompt_logprobs([ids for ids, _ in sequences])
+        # Only the first token has no log-prob, and every continuation starts after it.
+        return [math.fsum(lps[start:]) for lps, (_, start) in zip(logprobs, sequences)]

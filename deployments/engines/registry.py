@@ -3,7 +3,7 @@
 For each engine name used in config: where its adapter lives (imported lazily: each pulls a heavy
 library), which accelerator kinds it runs on, the Ray `runtime_env` its replicas get unless the
 config sets one, and the function that checks `engine_args` against the library's own config
-class at `python -m cluster check` time.
+class at `python -m cluster check` time (in the engine's `*_config` module, apart from its runtime).
 
 Nothing here imports an engine library; this module is safe to import anywhere.
 """
@@ -40,7 +40,7 @@ ENGINES: dict[str, EngineInfo] = {
         adapter="deployments.engines.transformers_engine:TransformersEngine",
         accelerators=("cpu", "gpu"),
         library="transformers",
-        checker="deployments.engines.transformers_engine:check_engine_args",
+        checker="deployments.engines.transformers_config:check_engine_args",
     ),
     "turbomind": EngineInfo(
         name="turbomind",
@@ -48,8 +48,8 @@ ENGINES: dict[str, EngineInfo] = {
         accelerators=("gpu",),
         library="lmdeploy",
         default_runtime_env={"pip": {"packages": ["lmdeploy==0.18.0"], "pip_check": False}},
-        checker="deployments.engines.lmdeploy_engine:check_turbomind_args",
-        supports="deployments.engines.lmdeploy_engine:turbomind_supports_model",
+        checker="deployments.engines.lmdeploy_config:check_turbomind_args",
+        supports="deployments.engines.lmdeploy_config:turbomind_supports_model",
     ),
     "lmdeploy-pytorch": EngineInfo(
         name="lmdeploy-pytorch",
@@ -59,7 +59,7 @@ ENGINES: dict[str, EngineInfo] = {
         # Ascend images ship torch_npu and lmdeploy prepared for the CANN version on the node; a
         # pip list cannot build that, so the node's own environment is used unless config says otherwise.
         default_runtime_env={},
-        checker="deployments.engines.lmdeploy_engine:check_pytorch_args",
+        checker="deployments.engines.lmdeploy_config:check_pytorch_args",
     ),
     "sglang": EngineInfo(
         name="sglang",
@@ -67,7 +67,7 @@ ENGINES: dict[str, EngineInfo] = {
         accelerators=("gpu",),
         library="sglang",
         default_runtime_env={"pip": {"packages": ["sglang[all]==0.5.23"], "pip_check": False}},
-        checker="deployments.engines.sglang_engine:check_engine_args",
+        checker="deployments.engines.sglang_config:check_engine_args",
     ),
 }
 

@@ -1,8 +1,11 @@
-"""Streaming text out of a growing list of token ids: UTF-8-safe deltas and stop-string cuts."""
+"""Streaming text out of a growing list of token ids: UTF-8-safe deltas, stop-string cuts, and `DeltaMapper`,
+which turns an engine's per-step token ids into the seam's `Delta`s the same way for every engine."""
 
 from __future__ import annotations
 
 from typing import Sequence
+
+from deployments.engines.engine import Delta, FinishReason, SamplingParams
 
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -97,3 +100,82 @@ class StopStringMatcher:
             if any(s.startswith(tail) for s in self._stop):
                 return n - start
         return 0
+
+
+class DeltaMapper:
+    """Maps one request's generated token ids, step by step, to `Delta`s: the one place where ids become
+    text (with `IncrementalDetokenizer`, so every engine streams the same text for the same tokens), stop
+    strings are cut (`StopStringMatcher`), stop token ids end the request, and usage is counted.
+
+    Each `feed` takes the ids an engine step added and, when the engine ended the request, why:
+
+    - "stop" with `matched` the token id it stopped on (EOS or a stop token id), which is counted but is
+      not part of the text; or the stop string it matched, whose token's text is kept and cut here. With
+      `matched` None (LMDeploy does not say) the last token is that stop token, unless its text holds a
+      stop string (LMDeploy stops on tokens that contain a stop word).
+    - "length" or "abort".
+
+    A requested stop token id ends the request wherever it comes, even in a step the engine did not end
+    (engines run with ignore_eos do not stop on them): the ids after it are dropped. A stop string ends it
+    in the step whose text completes it. Once a Delta has a finish_reason the request is over; when the
+    engine had not ended it, the caller aborts it there.
+    """
+
+    def __init__(self, tokenizer, sampling: SamplingParams, prompt_token_ids: Sequence[int]):
+        self._tokenizer = tokenizer
+        self._stop_strings = [s for s in sampling.stop if s]
+        self._stop_ids = set(sampling.stop_token_ids)
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens=True)
+        self._stopper = StopStringMatcher(self._stop_strings)
+        self.prompt_tokens = len(prompt_token_ids)
+        self.completion_tokens = 0
+        self.finished = False
+
+    def feed(
+        self, token_ids: Sequence[int], finish: FinishReason | None = None, matched: str | int | None = None
+    ) -> Delta | None:
+        """The Delta for one step, or None when the step adds nothing (no ids, no text)."""
+        if self.finished:
+            raise RuntimeError("the request already finished")
+        ids = list(token_ids)
+        cut = next((i for i, t in enumerate(ids) if t in self._stop_ids), None)
+        if cut is not None:
+            ids = ids[: cut + 1]
+            self.completion_tokens += len(ids)
+            return self._finish(ids[:-1], ids, "stop", ids[-1])
+        self.completion_tokens += len(ids)
+        if finish is None:
+            text, stop_string = self._stopper.feed(self._detokenizer.add(ids))
+            if stop_string is not None:
+                self.finished = True
+                return self._delta(text, ids, "stop", stop_string)
+            if not ids and not text:
+                return None
+            return self._delta(text, ids)
+
+        text_ids, stop_reason = ids, None
+        if finish == "stop":
+            if isinstance(matched, str):
+                stop_reason = matched  # a stop string the engine matched, in case the text here does not show it whole
+            elif matched in self._stop_ids:
+                stop_reason = matched  # a stop token id the engine names but did not send
+            elif ids and (matched is not None or not self._holds_stop_string(ids[-1])):
+                text_ids = ids[:-1]  # the EOS token the engine stopped on
+        return self._finish(text_ids, ids, finish, stop_reason)
+
+    def _finish(self, text_ids: list[int], ids: list[int], finish: FinishReason, stop_reason) -> Delta:
+        """The last Delta: the remaining text, cut at a stop string if one completes in it."""
+        self.finished = True
+        text, stop_string = self._stopper.feed(self._detokenizer.add(text_ids) + self._detokenizer.flush())
+        if stop_string is not None:
+            return self._delta(text, ids, "stop", stop_string)
+        return self._delta(text + self._stopper.flush(), ids, finish, stop_reason)
+
+    def _delta(self, text: str, ids: list[int], finish: FinishReason | None = None, stop_reason=None) -> Delta:
+        return Delta(text, ids, self.prompt_tokens, self.completion_tokens, finish, stop_reason)
+
+    def _holds_stop_string(self, token_id: int) -> bool:
+        if not self._stop_strings:
+            return False
+        text = self._tokenizer.decode([token_id], skip_special_tokens=True)
+        return any(s in text for s in self._stop_strings)

@@ -1,0 +1,162 @@
+"""Per-request sampling and logits masks for transformers' continuous-batching loop (see `transformers_engine`).
+
+The `ContinuousBatchingManager` samples with one global `do_sample` and one global seed, so the engine runs it
+with `do_sample=False` (argmax) and `SamplingProcessor`, a per-request CB logits processor, turns the argmax into
+a sample for the rows that want one: temperature, top-k, top-p, then Gumbel noise drawn from a generator seeded
+by (request seed, token position). argmax(logits / T + Gumbel) is an exact sample of softmax(logits / T), and
+the noise depends on nothing else in the batch, so a seeded request is reproducible whatever it is batched
+with. Rows at temperature 0 are left alone: exact greedy. A request's `LogitsMask` (constrained decoding) is
+applied first, on greedy and sampled rows alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor,
+    ContinuousBatchingLogitsProcessorList,
+)
+from transformers.generation.logits_process import LogitsProcessorList
+
+# The logits-processor kwarg that carries a request's handle into the CB thread.
+SLOT_KWARG = "tandem_slot"
+_MASK64 = (1 << 64) - 1
+# Below this temperature a request decodes greedily (dividing logits by ~0 would overflow to inf / NaN).
+MIN_TEMPERATURE = 1e-5
+
+
+class LogitsMask(Protocol):
+    """A per-request restriction of the next-token logits, e.g. an xgrammar token bitmask.
+
+    Called on the decode-loop thread once per generated token of its request, before sampling, with the
+    request's row of float32 logits (`[vocab_size]`, to be modified in place, e.g. disallowed tokens set to
+    -inf) and all completion tokens so far (a grammar matcher advances over the ones it has not seen).
+    If it raises, its request ends with an `EngineError`; the other requests are unaffected.
+    """
+
+    def apply(self, logits: torch.Tensor, completion_ids: Sequence[int]) -> None: ...
+
+
+@dataclass
+class RequestSlot:
+    """What the sampling processor needs to know about one live request."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    prompt_len: int
+    logits_mask: LogitsMask | None = None
+    # Written by the processor on the decode-loop thread:
+    position: int = 0  # index of the completion token being sampled
+    completion_ids: list[int] = field(default_factory=list)  # only maintained when there is a mask
+    error: BaseException | None = None
+
+
+class SamplingProcessor(ContinuousBatchingLogitsProcessor):
+    """Per-request sampling and logits masks for the CB loop, whose own sampler is argmax.
+
+    The CB API hands a processor one int32 per batch row; ours is the request's slot handle (-1: none).
+    The per-row work happens in Python with the slot looked up by handle, which is why the engine runs
+    the manager eagerly (no CUDA graphs, no torch.compile, no async batching): `prepare_tensor_args` and
+    `__call__` then alternate on the loop thread, one pair per forward pass.
+    """
+
+    supported_kwargs = {SLOT_KWARG: int}
+    ignored_kwargs = ()
+
+    def __init__(self) -> None:
+        # handle -> slot; written on the event loop, read on the decode thread (single dict ops: GIL-safe)
+        self.slots: dict[int, RequestSlot] = {}
+        self._num_rows = 0
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(-1)
+
+    def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
+        handles = []
+        for future_state in requests_with_new_token:
+            state = future_state.state
+            handle = state.logit_processor_kwargs.get(SLOT_KWARG, -1)
+            slot = self.slots.get(handle)
+            if slot is not None:
+                # Counted from the full sequence, which survives the manager re-prefilling an evicted
+                # request (generated tokens then move into initial_tokens).
+                sequence_len = len(state.initial_tokens) + len(state.generated_tokens)
+                slot.position = sequence_len - slot.prompt_len
+                if slot.logits_mask is not None:
+                    slot.completion_ids = (state.initial_tokens + state.generated_tokens)[slot.prompt_len :]
+            handles.append(handle)
+        # Rows past these carry stale arguments (the manager only resets them at start) and their
+        # logits are discarded, so `__call__` skips them.
+        self._num_rows = len(handles)
+        return torch.tensor(handles, dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        sampled_rows: list[int] = []
+        sampled_slots: list[RequestSlot] = []
+        for row, handle in enumerate(tensor_arg[: self._num_rows].tolist()):
+            slot = self.slots.get(handle)
+            if slot is None or slot.error is not None:
+                continue
+            if slot.logits_mask is not None:
+                try:
+                    slot.logits_mask.apply(scores[row], slot.completion_ids)
+                except Exception as e:  # noqa: BLE001 - fail this request only, never the shared loop
+                    slot.error = e
+                    continue
+            if slot.temperature >= MIN_TEMPERATURE:
+                sampled_rows.append(row)
+                sampled_slots.append(slot)
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=scores.device)
+            scores[rows] = gumbel_sample_scores(scores[rows], sampled_slots)
+        return scores
+
+
+def gumbel_sample_scores(logits: torch.Tensor, slots: list[RequestSlot]) -> torch.Tensor:
+    """Scores whose argmax is a sample from each row's temperature / top-k / top-p distribution."""
+    vocab, device = logits.size(-1), logits.device
+    temperature = torch.tensor([s.temperature for s in slots], dtype=logits.dtype, device=device).unsqueeze(1)
+    x = logits / temperature
+    top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in slots], device=device)
+    if bool((top_k < vocab).any()):
+        kth_largest = torch.topk(x, int(top_k.max()), dim=-1).values.gather(1, (top_k - 1).unsqueeze(1))
+        x = x.masked_fill(x < kth_largest, -math.inf)
+    # top_p == 1 rows get an unreachable threshold, so float rounding of the cumulative sum cannot drop tokens.
+    top_p = torch.tensor([s.top_p if s.top_p < 1 else math.inf for s in slots], dtype=x.dtype, device=device)
+    top_p = top_p.unsqueeze(1)
+    if bool(torch.isfinite(top_p).any()):
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = sorted_x.softmax(dim=-1)
+        # Drop a token once the mass before it already reaches top_p; the most likely token always stays.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), -math.inf)
+    noise = torch.stack([_gumbel_noise(vocab, s.seed, s.position) for s in slots])
+    return x + noise.to(device)
+
+
+def _gumbel_noise(size: int, seed: int, position: int) -> torch.Tensor:
+    # Drawn on the CPU whatever the model's device, so a seed means the same noise everywhere.
+    generator = torch.Generator().manual_seed(_mix64(seed, position))
+    uniform = torch.rand(size, generator=generator).clamp_(min=1e-20)
+    return -torch.log(-torch.log(uniform))
+
+
+def _mix64(seed: int, position: int) -> int:
+    """splitmix64 of (seed, position): nearby seeds and positions get unrelated generator states."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class ProcessorList(ContinuousBatchingLogitsProcessorList):
+    def __init__(self, processor: ContinuousBatchingLogitsProcessor):
+        super().__init__(LogitsProcessorList([processor]))
+        # The base class only counts the argument rows of processors it converted itself.
+        self.tensors_required = 1

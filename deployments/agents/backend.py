@@ -28,7 +28,6 @@ base model's own Hugging Face chat template; see `derive_chat_template`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -41,6 +40,7 @@ from typing import Any, Iterator, List
 from sglang.lang.backend.base_backend import BaseBackend
 from sglang.lang.chat_template import ChatTemplate
 
+from deployments.agents import wire
 from deployments.agents.chat_template import ChatTemplateError, DerivedChatTemplate, derive_chat_template, render_with_template, unavailable_chat_template
 from deployments.agents.errors import AgentLimitError, UnsupportedFeatureError
 from sglang.lang.choices import (
@@ -58,12 +58,14 @@ logger = logging.getLogger("ray.serve")
 GREEDY_TEMPERATURE = 1e-5
 
 SUPPORTED = """\
-gen: max_tokens, stop (str or list), stop_token_ids, temperature, top_p, top_k (-1 = off), ignore_eos,
-     regex, json_schema (a JSON string), dtype int/float/bool/str (SGLang's REGEX_INT/FLOAT/BOOL/STR).
-     Not supported (raise UnsupportedFeatureError): n > 1 (use s.fork(n)), min_tokens > 0, stop_regex,
-     min_p, frequency_penalty / presence_penalty != 0, return_logprob / logprob_start_len /
-     top_logprobs_num / return_text_in_logprobs, max_tokens == 0, regex together with dtype or
-     json_schema, images / video, API speculative execution (num_api_spec_tokens).
+gen: the sampling parameters exactly as the gateway's /generate maps them (deployments/agents/wire.py:
+     SGLang's defaults, its checks, then max_tokens, stop, stop_token_ids, temperature (< 1e-6 greedy),
+     top_p, top_k (-1 = off), ignore_eos, regex or json_schema (a JSON string)), plus dtype
+     int/float/bool/str (SGLang's REGEX_INT/FLOAT/BOOL/STR).
+     Not supported (raise UnsupportedFeatureError): max_tokens 0 or None, n > 1 (use s.fork(n)),
+     min_tokens > 0, stop_regex, min_p, frequency_penalty / presence_penalty != 0, return_logprob /
+     logprob_start_len / top_logprobs_num / return_text_in_logprobs, regex together with dtype,
+     images / video, API speculative execution (num_api_spec_tokens).
 select: token_length_normalized (default), greedy_token_selection, unconditional_likelihood_normalized
      and custom ChoicesSamplingMethod subclasses, from the same per-token log-probs an SGLang server
      gives (base model's prompt_logprobs); temperature ~0 picks the method's decision, temperature > 0
@@ -235,39 +237,17 @@ class HandleBackend(BaseBackend):
     # -- gen ----------------------------------------------------------------------------------------------
 
     def sampling_kwargs(self, sp: SglSamplingParams) -> dict[str, Any]:
-        """SglSamplingParams -> the base model's sampling keyword arguments; every field is checked."""
-        out: dict[str, Any] = {}
+        """SglSamplingParams -> the base model's sampling keyword arguments, as `/generate` maps the same
+        parameters (deployments/agents/wire.py); every field is checked."""
         unsupported = UnsupportedFeatureError
-        handled = set()
+        # What RuntimeEndpoint sends to an SGLang server's /generate; the rest is the frontend's own.
+        srt = sp.to_srt_kwargs()
+        handled = set(srt)
 
         def take(name):
             handled.add(name)
             return getattr(sp, name)
 
-        max_new = take("max_new_tokens")
-        if max_new is None:
-            max_new = 128
-        if isinstance(max_new, bool) or not isinstance(max_new, int):
-            raise ValueError(f"max_tokens must be an integer, got {max_new!r}")
-        if max_new == 0:
-            raise unsupported("max_tokens=0 (prefix caching only)")
-        if self.max_model_len and max_new >= self.max_model_len:
-            raise ValueError(
-                f"max_tokens={max_new} does not fit the model's context of {self.max_model_len} tokens"
-            )
-        out["max_tokens"] = max_new
-
-        if take("min_new_tokens") not in (None, 0):
-            raise unsupported("min_tokens", f"min_tokens={sp.min_new_tokens}")
-        if take("n") not in (None, 1):
-            raise unsupported("n > 1 in a single gen", f"n={sp.n}; fork the state instead: s.fork({sp.n})")
-        if take("stop_regex"):
-            raise unsupported("stop_regex", f"stop_regex={sp.stop_regex!r}; use stop strings")
-        if take("min_p") not in (None, 0, 0.0):
-            raise unsupported("min_p", f"min_p={sp.min_p}")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if take(name) not in (None, 0, 0.0):
-                raise unsupported(name, f"{name}={getattr(sp, name)}")
         for name in ("return_logprob", "return_text_in_logprobs"):
             if take(name):
                 raise unsupported(name, "log-probabilities of generated tokens are not returned")
@@ -276,95 +256,52 @@ class HandleBackend(BaseBackend):
         if take("top_logprobs_num") not in (None, 0):
             raise unsupported("top_logprobs_num", "log-probabilities of generated tokens are not returned")
 
-        stop = take("stop")
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        stop = list(stop)
-        stop_ids = take("stop_token_ids")
-        out["stop_token_ids"] = list(stop_ids or [])
-
-        for name in ("temperature", "top_p"):
-            value = take(name)
-            if value is not None:
-                out[name] = value
-        top_k = take("top_k")
-        if top_k is not None:
-            if top_k == -1:
-                out["top_k"] = 0  # SGLang: -1 disables; the base model: 0 disables
-            elif isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1:
-                out["top_k"] = top_k
-            else:
-                raise ValueError(f"top_k must be -1 (off) or an integer >= 1, got {top_k!r}")
-        ignore_eos = take("ignore_eos")
-        if ignore_eos is not None:
-            out["ignore_eos"] = bool(ignore_eos)
-
-        # Constraints: dtype -> SGLang's own regexes, as RuntimeEndpoint._handle_dtype_to_regex does.
-        dtype, regex, schema = take("dtype"), take("regex"), take("json_schema")
+        # dtype -> SGLang's own regexes, as RuntimeEndpoint._handle_dtype_to_regex does.
+        dtype = take("dtype")
         if dtype is not None:
-            if regex is not None:
-                raise unsupported("regex together with dtype", f"dtype={dtype!r}, regex={regex!r}; give one")
+            if srt["regex"] is not None:
+                raise unsupported("regex together with dtype", f"dtype={dtype!r}, regex={srt['regex']!r}; give one")
+            stop = [srt["stop"]] if isinstance(srt["stop"], str) else list(srt["stop"] or [])
             if dtype in ("int", int):
-                regex = REGEX_INT
+                srt["regex"] = REGEX_INT
                 stop += [" ", "\n"]
             elif dtype in ("float", float):
-                regex = REGEX_FLOAT
+                srt["regex"] = REGEX_FLOAT
                 stop += [" ", "\n"]
             elif dtype in ("str", str):
-                regex = REGEX_STR
+                srt["regex"] = REGEX_STR
             elif dtype in ("bool", bool):
-                regex = REGEX_BOOL
+                srt["regex"] = REGEX_BOOL
             else:
                 raise ValueError(f"dtype must be int, float, str or bool, got {dtype!r}")
-        if schema is not None and not isinstance(schema, str):
-            raise ValueError(f"json_schema must be a JSON string (json.dumps(schema)), got {type(schema).__name__}")
-        if schema is not None:
-            try:
-                json.loads(schema)
-            except ValueError as e:
-                raise ValueError(f"json_schema is not valid JSON: {e}") from None
-        if regex is not None and schema is not None:
-            raise unsupported("regex/dtype together with json_schema", "give one constraint per gen")
-        if regex is not None:
-            out["regex"] = regex
-        if schema is not None:
-            out["json_schema"] = schema
-        out["stop"] = list(dict.fromkeys(stop))  # dedupe, keep order
+            srt["stop"] = stop
 
         # Every field of SglSamplingParams must have been looked at: a new SGLang field must not be
         # dropped silently when it is set.
         for f in dataclasses.fields(sp):
             if f.name not in handled and getattr(sp, f.name) not in (None, f.default, (), []):
                 raise unsupported(f"sampling parameter {f.name}", f"{f.name}={getattr(sp, f.name)!r}")
+
+        try:
+            out = wire.to_tandem(srt)
+        except wire.UnsupportedSamplingError as e:
+            raise unsupported(f"sampling parameters {e.feature}") from None
+        if self.max_model_len and out["max_tokens"] >= self.max_model_len:
+            raise wire.SamplingParamError(
+                "max_new_tokens",
+                f"max_new_tokens={out['max_tokens']} does not fit the model's context of {self.max_model_len} tokens",
+            )
         return out
 
     def _meta(self, last: dict, call: int, request_id: str, replica: str | None = None) -> dict:
         """SGLang-shaped meta_info from a `complete` result or a `stream` delta."""
         usage = last.get("usage") or last  # complete() nests the counts under usage; deltas do not
-        prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        reason = last.get("finish_reason")
-        if reason == "stop":
-            finish = {"type": "stop", "matched": last.get("stop_reason")}
-        elif reason == "length":
-            finish = {"type": "length", "length": completion_tokens}
-        elif reason == "abort":
-            finish = {"type": "abort", "message": "the base model aborted the request"}
-        else:
-            finish = None
-        meta = {
-            "id": request_id,
-            "finish_reason": finish,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "cached_tokens": 0,
-            "session_id": self.session_id,
-            "call": call,
-        }
+        completion_tokens = usage.get("completion_tokens")
+        finish = wire.finish_reason(last.get("finish_reason"), last.get("stop_reason"), completion_tokens)
+        extra = {"session_id": self.session_id, "call": call}
         if replica is not None:
-            meta["replica"] = replica
-        return meta
+            extra["replica"] = replica
+        return wire.meta_info(request_id, usage.get("prompt_tokens"), completion_tokens, finish, **extra)
 
     def generate(self, s, sampling_params: SglSamplingParams):
         try:

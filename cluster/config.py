@@ -74,7 +74,7 @@ class ReplicaSpec(_Strict):
     target_kv_cache_usage: float | None = Field(default=None, gt=0, le=1)
     max_replicas_per_node: PositiveInt | None = None
     cold_start_timeout_s: PositiveFloat = Field(
-        default=300.0, description="with min 0: how long a request waits for the first replica before a 503"
+        default=300.0, description="how long a request waits for a pool with no running replica (min 0: scaling from zero) before a 503"
     )
     drain_timeout_s: PositiveFloat = Field(
         default=120.0, description="a replica being scaled down finishes its in-flight requests for up to this long"

@@ -1,14 +1,14 @@
 """The HTTP ingress: an OpenAI-compatible gateway in front of the base-model deployments.
 
-It parses and validates requests, checks API keys, routes by model name to that model's
-deployment handle, and renders results as OpenAI objects or SSE streams.
+It parses and validates requests, checks API keys, hands each to the model's pools by model name
+(`cluster.dispatch.PoolDispatcher`: pool choice, failover, cold starts), and renders the results
+as OpenAI objects or SSE streams.
 
 (No `from __future__ import annotations` here: FastAPI must see the real `Request` class on the
 ingress methods to inject it.)
 """
 
 import asyncio
-import dataclasses
 import hmac
 import logging
 import os
@@ -23,6 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from cluster import sglang_protocol
+from cluster.dispatch import Choice, Generation, PoolDispatcher, child_call, engine_error
 from cluster.openai_protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -34,9 +35,8 @@ from cluster.openai_protocol import (
 from cluster.config import AGENT_MODEL_PREFIX
 from cluster.http_metrics import HTTPMetricsMiddleware
 from deployments.agents.errors import AgentLimitError, AgentProgramError
-from deployments.pools import NoPoolAvailable, Pool, PoolBalancer
+from deployments.pools import Pool
 from deployments.replica import in_replica
-from deployments.engines.engine import PromptTooLongError
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,84 +63,6 @@ def _validation_error(e: ValidationError) -> OpenAIError:
     return OpenAIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
 
 
-def _engine_error(e: BaseException, prompt_param: str) -> OpenAIError:
-    """Map an exception raised by a replica (Ray wraps it, keeping the original class) to OpenAI."""
-    from ray.serve.exceptions import BackPressureError
-
-    if isinstance(e, PromptTooLongError):
-        return OpenAIError(400, str(e), param=prompt_param, code="context_length_exceeded")
-    if isinstance(e, (ValueError, TypeError)):
-        cause = getattr(e, "cause", None) or e
-        return OpenAIError(400, str(cause), code="invalid_value")
-    if isinstance(e, NoPoolAvailable):
-        return OpenAIError(503, str(e), type="server_error", code="no_replica_available")
-    if _replica_lost(e):
-        return OpenAIError(
-            503, "The replica serving this request was lost (its node may have gone down); retry the request.",
-            type="server_error", code="replica_unavailable",
-        )
-    if isinstance(e, BackPressureError):
-        return OpenAIError(503, "The model is overloaded; retry later.", type="server_error", code="overloaded")
-    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
-        return OpenAIError(504, "The request timed out.", type="server_error", code="timeout")
-    logger.exception("request failed", exc_info=e)
-    return OpenAIError(500, f"Internal error while generating: {type(e).__name__}: {e}", type="server_error", code="internal_error")
-
-
-def _replica_lost(e: BaseException) -> bool:
-    """A failure of the replica (or its node), not of the request: worth trying another pool."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-    return isinstance(e, (ActorDiedError, ActorUnavailableError, RayActorError))
-
-
-class _PoolFailed(Exception):
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-class _Lease:
-    """Counts a request's streams as in flight to a pool until released (once)."""
-
-    def __init__(self, pool: Pool, n: int):
-        self.pool, self.n = pool, n
-        pool.in_flight += n
-
-    def release(self) -> None:
-        if self.n:
-            self.pool.in_flight -= self.n
-            self.pool.served += self.n
-            self.n = 0
-
-
-class _Choice:
-    """One generation stream (one prompt x one of n samples)."""
-
-    def __init__(self, index: int, gen: DeploymentResponseGenerator):
-        self.index = index
-        self.gen = gen
-        self.text: list[str] = []
-        self.finish_reason: str | None = None
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.stop_reason = None
-        self.first: dict | None = None  # the first delta, received before the response starts
-
-    async def deltas(self) -> AsyncIterator[dict]:
-        if self.first is not None:
-            yield self.first
-        async for delta in self.gen:
-            yield delta
-
-    def take(self, delta: dict) -> str:
-        self.text.append(delta["text"])
-        self.prompt_tokens = delta["prompt_tokens"]
-        self.completion_tokens = delta["completion_tokens"]
-        self.finish_reason = delta["finish_reason"] or self.finish_reason
-        self.stop_reason = delta["stop_reason"] if delta["finish_reason"] else self.stop_reason
-        return delta["text"]
-
-
 def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -158,40 +80,21 @@ async def _guarded(events: AsyncIterator[str], to_error, cleanup) -> AsyncIterat
         cleanup()
 
 
-async def _released(events: AsyncIterator[str], lease: "_Lease") -> AsyncIterator[str]:
+async def _closing(events: AsyncIterator[str], generation: Generation) -> AsyncIterator[str]:
     try:
         async for event in events:
             yield event
     finally:
-        lease.release()
+        generation.close()
 
 
-def _child_call(method, *args, **kwargs):
-    """`method.remote(...)` under a fresh Serve internal request id. Every call the gateway makes to
-    a deployment goes through here.
-
-    Calls made while serving a request inherit that request's internal id, and Ray Serve 2.60's
-    request router indexes its queued requests by that id: two concurrent calls of one HTTP request
-    (n > 1, a batch) queued at the same router collide and one never gets a replica. The gateway
-    cancels its child calls itself, so nothing relies on the inherited id.
-    """
-    from ray.serve import context
-
-    current = context._get_serve_request_context()
-    token = context._serve_request_context.set(dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
-    try:
-        return method.remote(*args, **kwargs)
-    finally:
-        context._serve_request_context.reset(token)
-
-
-def _agent_error(e: BaseException, name: str) -> OpenAIError:
+def _agent_error(e: BaseException) -> OpenAIError:
     """Bad arguments are the client's error (400); a failing or runaway program is the server's."""
     if isinstance(e, AgentLimitError):
         return OpenAIError(504 if e.limit == "timeout_s" else 500, str(e), type="server_error", code=f"agent_limit_{e.limit}")
     if isinstance(e, AgentProgramError):
         return OpenAIError(500, str(e), type="server_error", code="agent_program_error")
-    return _engine_error(e, "arguments")
+    return engine_error(e, "arguments")
 
 
 async def _json_object(request: Request) -> dict:
@@ -204,9 +107,79 @@ async def _json_object(request: Request) -> dict:
     return body
 
 
-def _usage_totals(choices: list[_Choice], n: int) -> tuple[int, int]:
+def _usage_totals(choices: list[Choice], n: int) -> tuple[int, int]:
     """Each prompt's tokens count once, however many (n) choices it has, as OpenAI counts them."""
     return sum(c.prompt_tokens for c in choices[::n]), sum(c.completion_tokens for c in choices)
+
+
+async def _sse_choices(renderer: ResponseRenderer, choices: list[Choice], include_usage: bool, n: int, prompt_param: str) -> AsyncIterator[str]:
+    """Merge the choices' streams into one SSE stream."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(c: Choice):
+        try:
+            async for delta in c.deltas():
+                await queue.put((c, delta, None))
+        except Exception as e:  # noqa: BLE001 - reported in-stream below
+            await queue.put((c, None, e))
+        finally:
+            await queue.put((c, None, None))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        if renderer.kind == "chat":
+            for c in choices:
+                yield sse(renderer.chunk(c.index, text="", role=True))
+        open_streams = len(choices)
+        while open_streams:
+            c, delta, error = await queue.get()
+            if error is not None:
+                yield sse(engine_error(error, prompt_param).body())
+                continue
+            if delta is None:
+                open_streams -= 1
+                continue
+            text = c.take(delta)
+            if text or delta["finish_reason"]:
+                if text:
+                    yield sse(renderer.chunk(c.index, text=text))
+                if delta["finish_reason"]:
+                    yield sse(renderer.chunk(c.index, text=None if renderer.kind == "chat" else "", finish=delta["finish_reason"]))
+        if include_usage:
+            yield sse(renderer.usage_chunk(*_usage_totals(choices, n)))
+        yield SSE_DONE
+    finally:
+        # The client may have gone away: stop generating for it.
+        for t in tasks:
+            t.cancel()
+        for c in choices:
+            c.gen.cancel()
+
+
+def _render(renderer: ResponseRenderer, req, generation: Generation, prompt_param: str, echo_texts: list[str] | None = None):
+    """A completion's response: the whole answer (`generation` was collected) or an SSE stream."""
+    choices = generation.choices
+    if echo_texts:
+        for c in choices:
+            c.text.insert(0, echo_texts[c.index // req.n])
+    if not req.stream:
+        result = renderer.full(
+            [{"text": "".join(c.text), "finish_reason": c.finish_reason} for c in choices],
+            *_usage_totals(choices, req.n),
+        )
+        return JSONResponse(result)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    body = _sse_choices(renderer, choices, include_usage, req.n, prompt_param)
+    if echo_texts:
+        # Echoed prompts go out first, as their own chunks.
+        async def with_echo(events: AsyncIterator[str]) -> AsyncIterator[str]:
+            for c in choices:
+                yield sse(renderer.chunk(c.index, text=c.text[0]))
+            async for event in events:
+                yield event
+
+        body = with_echo(body)
+    return _sse_response(_closing(body, generation))
 
 
 @serve.deployment(name="Gateway")
@@ -220,10 +193,9 @@ class Gateway:
         request_timeout_s: float = 600.0,
         sglang_model: str | None = None,
     ):
-        # model name -> its pools (cluster.app.pool_info plus "handle"), balanced by `self.pools`.
+        # model name -> its pools (cluster.app.pool_info plus "handle"); requests go to one of them.
         app_name = serve.get_replica_context().app_name if in_replica() else None
-        self.pools = PoolBalancer.from_bound(models, app_name)
-        self.models = self.pools.models()
+        self.dispatcher = PoolDispatcher(models, app_name, request_timeout_s)
         self.agents = agents or {}
         self.created = int(time.time())
         self.request_timeout_s = request_timeout_s
@@ -255,165 +227,6 @@ class Gateway:
         except ValidationError as e:
             raise _validation_error(e) from None
 
-    def _check_model(self, model: str) -> None:
-        if model not in self.models:
-            raise OpenAIError(
-                404,
-                f"The model '{model}' does not exist. Available models: {', '.join(sorted(self.models))}.",
-                param="model",
-                code="model_not_found",
-            )
-
-    def _pool(self, model: str, exclude: tuple[Pool, ...] = ()) -> Pool:
-        self._check_model(model)
-        try:
-            return self.pools.pick(model, exclude)
-        except NoPoolAvailable as e:
-            raise OpenAIError(503, str(e), type="server_error", code="no_replica_available") from None
-
-    def _handle(self, model: str) -> DeploymentHandle:
-        return self._pool(model).handle
-
-    async def _start(
-        self, model: str, jobs: list[dict[str, Any]], prompt_param: str, collect: bool = False
-    ) -> tuple[list[_Choice], _Lease]:
-        """Start every choice's stream on one of the model's pools and wait for its first delta, so
-        that a bad request fails here with a proper status before any response bytes are sent.
-        With `collect` (a response sent whole), also wait for the last delta.
-        When the pool's replica is lost before the response starts (its first delta, or with
-        `collect` its last), the next pool takes the whole request."""
-        await self.pools.ensure_counts()  # the first request: know which pools are cold before picking
-        tried: tuple[Pool, ...] = ()
-        while True:
-            pool = self._pool(model, tried)
-            tried += (pool,)
-            try:
-                choices, lease = await self._start_on(pool, jobs, prompt_param)
-                if collect:
-                    try:
-                        await self._collect(choices, prompt_param)
-                    finally:
-                        lease.release()
-                return choices, lease
-            except _PoolFailed as failed:
-                if len(tried) >= len(self.pools.pools[model]):
-                    raise _engine_error(failed.error, prompt_param) from None
-                logger.warning("pool %s of %s failed (%s); trying the next pool", pool.name, model, failed.error)
-
-    async def _start_on(self, pool: Pool, jobs: list[dict[str, Any]], prompt_param: str) -> tuple[list[_Choice], _Lease]:
-        cold = self.pools.cold(pool)
-        timeout = min(pool.info["cold_start_timeout_s"], self.request_timeout_s) if cold else self.request_timeout_s
-        lease = _Lease(pool, len(jobs))
-        stream = pool.handle.options(stream=True)
-        choices = [_Choice(i, _child_call(stream.stream, **job)) for i, job in enumerate(jobs)]
-        try:
-            firsts = await asyncio.wait_for(asyncio.gather(*(c.gen.__anext__() for c in choices)), timeout=timeout)
-        except BaseException as e:
-            lease.release()
-            for c in choices:
-                c.gen.cancel()
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            if cold and isinstance(e, (asyncio.TimeoutError, TimeoutError)):
-                raise OpenAIError(
-                    503,
-                    f"The model '{pool.info['model']}' (pool {pool.name}) is scaling up from zero replicas and none "
-                    f"was ready within {timeout:g} s; retry later.",
-                    type="server_error",
-                    code="model_cold_start_timeout",
-                ) from None
-            if _replica_lost(e):
-                raise _PoolFailed(e) from None
-            raise _engine_error(e, prompt_param) from None
-        for c, first in zip(choices, firsts):
-            c.first = first
-        return choices, lease
-
-    async def _collect(self, choices: list[_Choice], prompt_param: str) -> None:
-        async def drain(c: _Choice):
-            async for delta in c.deltas():
-                c.take(delta)
-
-        try:
-            await asyncio.wait_for(asyncio.gather(*(drain(c) for c in choices)), timeout=self.request_timeout_s)
-        except BaseException as e:
-            for c in choices:
-                c.gen.cancel()
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            if _replica_lost(e):
-                raise _PoolFailed(e) from None
-            raise _engine_error(e, prompt_param) from None
-
-    async def _sse(self, renderer: ResponseRenderer, choices: list[_Choice], include_usage: bool, n: int, prompt_param: str) -> AsyncIterator[str]:
-        """Merge the choices' streams into one SSE stream."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(c: _Choice):
-            try:
-                async for delta in c.deltas():
-                    await queue.put((c, delta, None))
-            except Exception as e:  # noqa: BLE001 - reported in-stream below
-                await queue.put((c, None, e))
-            finally:
-                await queue.put((c, None, None))
-
-        tasks = [asyncio.create_task(pump(c)) for c in choices]
-        try:
-            if renderer.kind == "chat":
-                for c in choices:
-                    yield sse(renderer.chunk(c.index, text="", role=True))
-            open_streams = len(choices)
-            while open_streams:
-                c, delta, error = await queue.get()
-                if error is not None:
-                    yield sse(_engine_error(error, prompt_param).body())
-                    continue
-                if delta is None:
-                    open_streams -= 1
-                    continue
-                text = c.take(delta)
-                if text or delta["finish_reason"]:
-                    if text:
-                        yield sse(renderer.chunk(c.index, text=text))
-                    if delta["finish_reason"]:
-                        yield sse(renderer.chunk(c.index, text=None if renderer.kind == "chat" else "", finish=delta["finish_reason"]))
-            if include_usage:
-                yield sse(renderer.usage_chunk(*_usage_totals(choices, n)))
-            yield SSE_DONE
-        finally:
-            # The client may have gone away: stop generating for it.
-            for t in tasks:
-                t.cancel()
-            for c in choices:
-                c.gen.cancel()
-
-    async def _respond(self, kind: str, req, jobs: list[dict], prompt_param: str, echo_texts: list[str] | None = None):
-        renderer = ResponseRenderer(kind, req.model)
-        choices, lease = await self._start(req.model, jobs, prompt_param, collect=not req.stream)
-        if echo_texts:
-            for c in choices:
-                c.text.insert(0, echo_texts[c.index // req.n])
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            if echo_texts:
-                # Echoed prompts go out first, as their own chunks.
-                async def with_echo():
-                    for c in choices:
-                        yield sse(renderer.chunk(c.index, text=c.text[0]))
-                    async for s in self._sse(renderer, choices, include_usage, req.n, prompt_param):
-                        yield s
-
-                body = with_echo()
-            else:
-                body = self._sse(renderer, choices, include_usage, req.n, prompt_param)
-            return _sse_response(_released(body, lease))
-        result = renderer.full(
-            [{"text": "".join(c.text), "finish_reason": c.finish_reason} for c in choices],
-            *_usage_totals(choices, req.n),
-        )
-        return JSONResponse(result)
-
     # -- routes ----------------------------------------------------------------------------------
 
     @app.get("/health")
@@ -421,18 +234,18 @@ class Gateway:
         """Each model is "ok" when one of its pools answers; "degraded" overall when a model has none."""
 
         async def probe(pool: Pool) -> str:
-            if pool.running == 0:
+            if pool.has_no_running_replica():
                 return "no running replica" + (" (scales from zero)" if pool.scales_from_zero() else "")
             try:
-                await asyncio.wait_for(_child_call(pool.handle.stats), timeout=5)
+                await asyncio.wait_for(child_call(pool.handle.stats), timeout=5)
                 return "ok"
             except Exception as e:  # noqa: BLE001 - any failure means unhealthy
                 return f"unavailable: {type(e).__name__}"
 
         results, healthy = {}, True
-        for model, pools in self.pools.pools.items():
+        for model, pools in self.dispatcher.pools.pools.items():
             states = await asyncio.gather(*(probe(p) for p in pools))
-            ok = any(st == "ok" or (p.running == 0 and p.scales_from_zero()) for p, st in zip(pools, states))
+            ok = any(st == "ok" or (p.has_no_running_replica() and p.scales_from_zero()) for p, st in zip(pools, states))
             healthy &= ok
             results[model] = states[0] if len(pools) == 1 else ("ok" if ok else "unavailable")
             if len(pools) > 1:
@@ -445,14 +258,15 @@ class Gateway:
         gateway's requests in flight and served, and Serve's status message (e.g. why a replica
         cannot be scheduled)."""
         self._authorize(request)
-        if self.pools.app_name is not None:
-            await self.pools.refresh()
-        return {"object": "list", "data": [{"model": m, "pools": pools} for m, pools in self.pools.state().items()]}
+        balancer = self.dispatcher.pools
+        if balancer.app_name is not None:
+            await balancer.refresh()
+        return {"object": "list", "data": [{"model": m, "pools": pools} for m, pools in balancer.state().items()]}
 
     @app.get("/v1/models")
     async def list_models(self, request: Request):
         self._authorize(request)
-        ids = sorted(self.models) + [AGENT_MODEL_PREFIX + a for a in sorted(self.agents)]
+        ids = sorted(self.dispatcher.models) + [AGENT_MODEL_PREFIX + a for a in sorted(self.agents)]
         data = [{"id": i, "object": "model", "created": self.created, "owned_by": "tandem"} for i in ids]
         return {"object": "list", "data": data}
 
@@ -461,15 +275,17 @@ class Gateway:
         req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         if req.model.startswith(AGENT_MODEL_PREFIX):
             return await self._agent_chat(req)
-        self._check_model(req.model)
+        self.dispatcher.check_model(req.model)
         messages = req.chat_messages()
         jobs = [{"messages": messages, **req.sampling(i)} for i in range(req.n)]
-        return await self._respond("chat", req, jobs, "messages")
+        renderer = ResponseRenderer("chat", req.model)
+        generation = await self.dispatcher.start(req.model, jobs, "messages", collect=not req.stream)
+        return _render(renderer, req, generation, "messages")
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         req: CompletionRequest = await self._parse(request, CompletionRequest)
-        self._check_model(req.model)
+        self.dispatcher.check_model(req.model)
         prompts = req.prompts()
         jobs = [{**p, **req.sampling(i)} for p in prompts for i in range(req.n)]
         echo = None
@@ -477,14 +293,16 @@ class Gateway:
             if any("prompt" not in p for p in prompts):
                 raise OpenAIError(400, "echo is only supported with text prompts", param="echo")
             echo = [p["prompt"] for p in prompts]
-        return await self._respond("completion", req, jobs, "prompt", echo)
+        renderer = ResponseRenderer("completion", req.model)
+        generation = await self.dispatcher.start(req.model, jobs, "prompt", collect=not req.stream)
+        return _render(renderer, req, generation, "prompt", echo)
 
     # -- SGLang's native API (for sgl.RuntimeEndpoint) ------------------------------------------
 
     @app.get("/get_model_info")
     async def sglang_model_info(self, request: Request):
         self._authorize(request)
-        info = await _child_call(self._handle(self.sglang_model).model_info)
+        info = await child_call(self.dispatcher.handle(self.sglang_model).model_info)
         return {
             "model_path": info["source"],
             "tokenizer_path": info["source"],
@@ -496,8 +314,8 @@ class Gateway:
     @app.get("/server_info")
     async def sglang_server_info(self, request: Request):
         self._authorize(request)
-        handle = self._handle(self.sglang_model)
-        info, stats = await asyncio.gather(_child_call(handle.model_info), _child_call(handle.stats))
+        handle = self.dispatcher.handle(self.sglang_model)
+        info, stats = await asyncio.gather(child_call(handle.model_info), child_call(handle.stats))
         return {
             "model_path": info["source"],
             "served_model_name": self.sglang_model,
@@ -509,24 +327,21 @@ class Gateway:
     @app.post("/flush_cache")
     async def sglang_flush_cache(self, request: Request):
         self._authorize(request)
-        freed = await _child_call(self._handle(self.sglang_model).flush_cache)
+        freed = await child_call(self.dispatcher.handle(self.sglang_model).flush_cache)
         return JSONResponse({"message": "Cache flushed.", "replica": freed["replica"], "freed_blocks": freed["freed_blocks"]})
 
     @app.post("/generate")
     async def sglang_generate(self, request: Request):
         req: sglang_protocol.GenerateRequest = await self._parse(request, sglang_protocol.GenerateRequest)
         req.check_supported()
-        handle = self._handle(self.sglang_model)
         prompts = req.prompts()
         rids = req.rid if isinstance(req.rid, list) else [req.rid] * len(prompts)
         rids = [r or uuid.uuid4().hex for r in rids]
         if req.sampling_params.max_new_tokens == 0:
             # Prefill only: token counts, and prompt log-probs when asked (SGLang's `select`).
             start = req.logprob_start_len if req.return_logprob else -1
-            try:
-                infos = await asyncio.gather(*(_child_call(handle.prompt_logprobs, **p, start=start) for p in prompts))
-            except Exception as e:  # noqa: BLE001 - mapped to an HTTP error
-                raise _engine_error(e, "text") from None
+            calls = [{**p, "start": start} for p in prompts]
+            infos = await self.dispatcher.call_each(self.sglang_model, "prompt_logprobs", calls, "text")
             results = []
             for rid, info in zip(rids, infos):
                 extra = {"input_token_logprobs": info["input_token_logprobs"], "output_token_logprobs": []} if req.return_logprob else {}
@@ -534,9 +349,10 @@ class Gateway:
             return results if req.is_batch else results[0]
 
         sampling = req.sampling_params.to_tandem()
-        choices, lease = await self._start(self.sglang_model, [{**p, **sampling} for p in prompts], "text", collect=not req.stream)
+        generation = await self.dispatcher.start(self.sglang_model, [{**p, **sampling} for p in prompts], "text", collect=not req.stream)
+        choices = generation.choices
 
-        def result(c: _Choice, rid: str) -> dict:
+        def result(c: Choice, rid: str) -> dict:
             finish = sglang_protocol.finish_reason(c.finish_reason, c.stop_reason, c.completion_tokens)
             return {"text": "".join(c.text), "meta_info": sglang_protocol.meta_info(rid, c.prompt_tokens, c.completion_tokens, finish)}
 
@@ -548,11 +364,7 @@ class Gateway:
                     # SGLang streams the cumulative text with each event.
                     yield sse(result(c, rids[0]))
 
-            def cleanup():
-                choices[0].gen.cancel()
-                lease.release()
-
-            return _sse_response(_guarded(events(), lambda e: _engine_error(e, "text"), cleanup))
+            return _sse_response(_guarded(events(), lambda e: engine_error(e, "text"), generation.close))
         results = [result(c, rid) for c, rid in zip(choices, rids)]
         return results if req.is_batch else results[0]
 
@@ -566,27 +378,27 @@ class Gateway:
 
     async def _agent_run(self, name: str, arguments: dict) -> dict:
         try:
-            return await asyncio.wait_for(_child_call(self._agent(name).run, arguments), timeout=self.request_timeout_s)
+            return await asyncio.wait_for(child_call(self._agent(name).run, arguments), timeout=self.request_timeout_s)
         except Exception as e:  # noqa: BLE001 - mapped to an HTTP error
-            raise _agent_error(e, name) from None
+            raise _agent_error(e) from None
 
     async def _agent_events(self, name: str, arguments: dict) -> tuple[dict, DeploymentResponseGenerator]:
         """Start a streamed program run; its first event arrives before the response starts, so
         bad arguments still get a 400."""
-        gen = _child_call(self._agent(name).options(stream=True).run_stream, arguments)
+        gen = child_call(self._agent(name).options(stream=True).run_stream, arguments)
         try:
             first = await asyncio.wait_for(gen.__anext__(), timeout=self.request_timeout_s)
         except BaseException as e:
             gen.cancel()
             if isinstance(e, asyncio.CancelledError):
                 raise
-            raise _agent_error(e, name) from None
+            raise _agent_error(e) from None
         return first, gen
 
     @app.get("/v1/agents")
     async def list_agents(self, request: Request):
         self._authorize(request)
-        infos = await asyncio.gather(*(_child_call(h.describe) for h in self.agents.values()))
+        infos = await asyncio.gather(*(child_call(h.describe) for h in self.agents.values()))
         return {"object": "list", "data": [{"object": "agent", **info} for info in infos]}
 
     @app.post("/v1/agents/{name}")
@@ -607,7 +419,7 @@ class Gateway:
             async for event in gen:
                 yield sse(event)
 
-        return _sse_response(_guarded(events(), lambda e: _agent_error(e, name), gen.cancel))
+        return _sse_response(_guarded(events(), lambda e: _agent_error(e), gen.cancel))
 
     async def _agent_chat(self, req: ChatCompletionRequest):
         """`model: "agent:<name>"`: the program runs on the conversation's last user message
@@ -645,4 +457,4 @@ class Gateway:
                     return
                 event = await gen.__anext__()
 
-        return _sse_response(_guarded(chunks(), lambda e: _agent_error(e, name), gen.cancel))
+        return _sse_response(_guarded(chunks(), lambda e: _agent_error(e), gen.cancel))

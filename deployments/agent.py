@@ -253,7 +253,7 @@ class AgentServer:
         self.model = model
         self.max_calls = max_calls
         self.timeout_s = float(timeout_s)
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrent_runs, thread_name_prefix=f"agent-{name}")
+        self._executor = ThreadPoolExecutor(max_workers=max_concurrent_runs, thread_name_prefix=f"agent-{name}")
         self._context: ModelContext | None = None
         self._context_lock = threading.Lock()
 
@@ -290,7 +290,7 @@ class AgentServer:
         return dict(arguments)
 
     async def _in_thread(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _overdue(self, run: _Run) -> None:
         if run.overdue():
@@ -299,7 +299,7 @@ class AgentServer:
             raise err
 
     async def _execute(self, run: _Run) -> None:
-        """Runs the program to completion in the pool, without blocking the loop; raises
+        """Runs the program to completion in the executor's threads, without blocking the loop; raises
         AgentLimitError once the run is past its deadline (plus a grace period)."""
 
         def execute():
@@ -380,7 +380,7 @@ class AgentServer:
             self.own_server.check_health()
 
     async def __del__(self):
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
         if self.own_server is not None:
             await self.own_server.engine.shutdown()
 

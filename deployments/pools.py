@@ -9,8 +9,8 @@ pool, Serve's request router picks the replica; across pools, the gateway picks:
 - among those, the least loaded: this gateway's requests in flight to the pool per running
   replica, relative to the pool's `target_ongoing_requests` (so a pool of fast GPUs with a higher
   target takes proportionally more);
-- when no pool has a running replica, the first pool: the request waits for its replica (one
-  scaling from zero, up to the pool's `cold_start_timeout_s`).
+- when no pool has a running replica, the first pool: the request waits for a replica to start
+  there (scaling from zero, or replacing replicas it lost), up to the pool's `cold_start_timeout_s`.
 
 Replica counts come from Serve's controller (`serve.status()`), refreshed in the background.
 """
@@ -54,6 +54,11 @@ class Pool:
 
     def scales_from_zero(self) -> bool:
         return self.info["min_replicas"] == 0
+
+    def has_no_running_replica(self) -> bool:
+        """Known to have none: scaled to zero, or (min >= 1) its replicas lost or not yet placed.
+        False while the count is unknown."""
+        return self.running == 0
 
     def state(self) -> dict[str, Any]:
         return {
@@ -169,12 +174,8 @@ class PoolBalancer:
         if running:
             return min(running, key=Pool.load)
         # None running: the first pool; its replica is starting, or comes on demand (min 0), and the
-        # request waits for it (bounded by cold_start_timeout_s when it scales from zero).
+        # request waits for it (bounded by the pool's cold_start_timeout_s).
         return pools[0]
-
-    def cold(self, pool: Pool) -> bool:
-        """Whether a request to `pool` waits for a replica to start (scale from zero)."""
-        return pool.running == 0
 
     def state(self) -> dict[str, list[dict]]:
         return {model: [p.state() for p in pools] for model, pools in self.pools.items()}

@@ -50,12 +50,15 @@ Replica counts are Serve's own, tagged with the deployment name (`BaseModel-<mod
 deployments), `ray_serve_deployment_replica_starts_total`; Tandem does not duplicate them.
 
 Recording never fails a request: outside a Ray worker it does nothing, and an error inside Ray's
-metrics code is logged once and ignored.
+metrics code is counted in `recording_errors` (by metric name), logged the first time, and ignored.
+What a process records goes to its metric objects in `_objects` (by name, created on first use);
+tests put stand-ins there (anything with Ray's `inc` / `set` / `observe`) to see what is recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import threading
@@ -92,9 +95,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "tandem_http_errors_total": ("counter", "HTTP requests answered with status >= 400.", ("route", "status"), None),
 }
 
+# This process's metric objects by name, created on first use (tests swap in stand-ins).
 _objects: dict[str, Any] = {}
 _lock = threading.Lock()
-_warned = False
+# Errors raised while recording in this process, by metric name: counted, never raised.
+recording_errors: collections.Counter[str] = collections.Counter()
 
 
 def _metric(name: str):
@@ -121,7 +126,6 @@ def _metric(name: str):
 
 
 def _record(name: str, op: str, value: float, tags: dict[str, str]) -> None:
-    global _warned
     try:
         metric = _metric(name)
         if metric is None:
@@ -134,8 +138,9 @@ def _record(name: str, op: str, value: float, tags: dict[str, str]) -> None:
         else:
             metric.observe(value, tags=tags)
     except Exception:  # noqa: BLE001 - metrics must never fail a request
-        if not _warned:
-            _warned = True
+        first = not recording_errors
+        recording_errors[name] += 1
+        if first:
             logger.warning("recording metric %s failed; further failures are not logged", name, exc_info=True)
 
 

@@ -43,7 +43,9 @@ def choose(s, question, choices, method="token_length_normalized", select_temper
     s += sgl.assistant(
         sgl.select("answer", choices=list(choices), temperature=select_temperature, choices_method=METHODS[method])
     )
-    s["meta"] = {k: v for k, v in s.get_meta_info("answer").items() if k == "normalized_prompt_logprobs"}
+    # The scores the method decided on, and the temperature when the choice was sampled.
+    keep = ("normalized_prompt_logprobs", "normalized_unconditional_prompt_logprobs", "temperature")
+    s["meta"] = {k: v for k, v in s.get_meta_info("answer").items() if k in keep}
 
 
 @sgl.function

@@ -3,6 +3,7 @@ own `RuntimeEndpoint`, against the session's `tandem` app (built-in agents from 
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import httpx
@@ -11,11 +12,14 @@ import openai
 import pytest
 import sglang as sgl
 
+from deployments.agents import programs
 from tests.conftest import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 BUILTINS = ["multi_step_reasoning", "safe_response", "self_consistency"]
 QUESTION = "What is the capital of France?"
+# The built-in model's greedy answer to QUESTION after the programs' system prompt.
+ANSWER = "The capital of France is Paris."
 
 
 def _post(url: str, body: dict, **kw) -> httpx.Response:
@@ -27,11 +31,21 @@ def test_list_agents_with_arguments(tandem_app, client):
     assert r.status_code == 200
     agents = {a["name"]: a for a in r.json()["data"]}
     assert sorted(agents) == BUILTINS
-    assert agents["self_consistency"]["arguments"][0] == "question"
+    assert agents["self_consistency"]["arguments"] == ["question", "num_drafts", "max_tokens", "draft_temperature"]
     assert agents["self_consistency"]["required"] == ["question"]
-    assert agents["self_consistency"]["doc"]
+    assert agents["self_consistency"]["doc"] == inspect.cleandoc(programs.self_consistency.func.__doc__)
     # Agents are also OpenAI models, addressed as agent:<name>.
     assert "agent:self_consistency" in [m.id for m in client.models.list().data]
+
+
+# name -> (the greedy answer with default arguments, model calls); self_consistency samples its drafts.
+# multi_step_reasoning's answer after the tiny model's own review is gibberish that starts with a byte
+# that is not UTF-8 (U+FFFD): the model's chat answer to the same conversation is the same.
+BUILTIN_RUNS = {
+    "multi_step_reasoning": ("\ufffd capital of一天此从此 and coral.", 3),  # draft, review, answer
+    "safe_response": (ANSWER, 2),  # draft, the safe/unsafe select
+    "self_consistency": (None, 4),  # 3 forked drafts, the select
+}
 
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -39,16 +53,21 @@ def test_each_builtin_agent_over_http(tandem_app, name):
     r = _post(f"{tandem_app}/v1/agents/{name}", {"question": QUESTION})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["agent"] == name and body["answer"]
-    assert body["variables"]["answer"] == body["answer"]
-    assert body["calls"] >= 2 and body["session_id"]
+    answer, calls = BUILTIN_RUNS[name]
+    assert body["agent"] == name and body["variables"]["answer"] == body["answer"]
+    if answer is not None:
+        assert body["answer"] == answer
+    else:  # sampled drafts: the answer is one of them
+        assert body["answer"] in [d.strip() for d in body["variables"]["draft"]] and body["answer"]
+    assert body["calls"] == calls and len(body["session_id"]) == 32
 
 
 def test_self_consistency_forks_and_selects_a_draft(tandem_app):
-    body = _post(f"{tandem_app}/v1/agents/self_consistency", {"question": QUESTION, "num_drafts": 3}).json()
-    drafts = body["variables"]["draft"]  # one per fork
-    assert len(drafts) == 3
-    assert body["answer"] in [d.strip() for d in drafts]
+    # Greedy drafts, so that every value is known: three forks agree on one candidate.
+    body = _post(f"{tandem_app}/v1/agents/self_consistency", {"question": QUESTION, "num_drafts": 3, "draft_temperature": 0}).json()
+    assert body["variables"]["draft"] == [ANSWER] * 3  # one per fork
+    assert body["variables"]["candidates"] == [ANSWER]
+    assert body["answer"] == ANSWER and body["calls"] == 4
 
 
 def test_agent_stream_names_variables(tandem_app):
@@ -59,18 +78,18 @@ def test_agent_stream_names_variables(tandem_app):
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(json.loads(line[6:]))
     deltas = [e for e in events if "variable" in e]
-    assert {e["variable"] for e in deltas} >= {"answer"}
+    # Every gen streams: the deltas of each variable add up to its final value.
+    assert {e["variable"] for e in deltas} == {"draft", "review", "answer"}
     final = events[-1]
-    assert final["done"] is True
+    assert final["done"] is True and set(final["variables"]) == {"draft", "review", "answer"}
+    assert final["variables"]["draft"] == ANSWER and final["variables"]["answer"] == BUILTIN_RUNS["multi_step_reasoning"][0]
     for var, value in final["variables"].items():
-        streamed = "".join(e["delta"] for e in deltas if e["variable"] == var)
-        if streamed:
-            assert streamed == value
+        assert "".join(e["delta"] for e in deltas if e["variable"] == var) == value, var
 
 
 def test_agent_through_openai_chat(client):
     r = client.chat.completions.create(model="agent:safe_response", messages=[{"role": "user", "content": QUESTION}])
-    assert r.choices[0].message.content
+    assert r.choices[0].message.content == ANSWER
     agent = r.model_extra["agent"]
     assert agent["name"] == "safe_response" and agent["variables"]["answer"] == r.choices[0].message.content
     stream = client.chat.completions.create(model="agent:safe_response", messages=[{"role": "user", "content": QUESTION}], stream=True)
@@ -126,7 +145,7 @@ def outside_program(s, question):
     s += sgl.assistant(sgl.gen("answer", max_tokens=32, temperature=0))
     s += sgl.user("Is that right? Answer yes or no.")
     s += sgl.assistant(sgl.select("verdict", choices=["yes", "no"]))
-    s += "\nA number: " + sgl.gen("number", regex="[0-9]{1,3}", max_tokens=8)
+    s += "\nA number: " + sgl.gen("number", regex="[0-9]{1,3}", max_tokens=8, temperature=0)
 
 
 @pytest.fixture(scope="module")
@@ -138,17 +157,19 @@ def runtime_endpoint(tandem_app):
 def test_runtime_endpoint_runs_an_unmodified_program(runtime_endpoint, client):
     state = outside_program.run(question=QUESTION, backend=runtime_endpoint)
     expected = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=32)
-    assert state["answer"] == expected.choices[0].message.content
-    assert state["verdict"] in ("yes", "no")
-    assert state["number"].isdigit()
+    assert state["answer"] == expected.choices[0].message.content == ANSWER
+    # The built-in model's deterministic choices: the select at temperature 0, the regex gen greedy.
+    assert state["verdict"] == "no"
+    assert state["number"] == "103"
 
 
 def test_runtime_endpoint_stream_and_batch(runtime_endpoint):
     state = outside_program.run(question=QUESTION, backend=runtime_endpoint, stream=True)
     text = "".join(state.text_iter())
-    assert state["answer"] in text
+    assert state["answer"] == ANSWER and ANSWER in text
+    assert (state["verdict"], state["number"]) == ("no", "103")
     states = outside_program.run_batch([{"question": QUESTION}, {"question": "你好"}], backend=runtime_endpoint)
-    assert all(s["verdict"] in ("yes", "no") for s in states)
+    assert [(s["verdict"], s["number"]) for s in states] == [("no", "103"), ("no", "444")]
 
 
 def test_native_endpoints(tandem_app, runtime_endpoint):
@@ -158,6 +179,6 @@ def test_native_endpoints(tandem_app, runtime_endpoint):
     runtime_endpoint.flush_cache()
     r = _post(tandem_app + "/generate", {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
     body = r.json()
-    assert r.status_code == 200 and body["meta_info"]["completion_tokens"] <= 4
+    assert r.status_code == 200 and (body["text"], body["meta_info"]["completion_tokens"]) == (" Paris", 4)
     r = _post(tandem_app + "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 4, "frequency_penalty": 0.5}})
     assert r.status_code == 400 and "frequency_penalty" in r.json()["error"]["message"]

@@ -220,8 +220,8 @@ def test_sampling_mapping():
 @pytest.mark.parametrize(
     "overrides, feature",
     [
-        ({"n": 2}, "n > 1"),
-        ({"min_new_tokens": 2}, "min_tokens"),
+        ({"n": 2}, "n=2"),
+        ({"min_new_tokens": 2}, "min_new_tokens=2"),
         ({"stop_regex": ["a+"]}, "stop_regex"),
         ({"min_p": 0.1}, "min_p"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
@@ -230,9 +230,8 @@ def test_sampling_mapping():
         ({"logprob_start_len": 0}, "logprob_start_len"),
         ({"top_logprobs_num": 3}, "top_logprobs_num"),
         ({"return_text_in_logprobs": True}, "return_text_in_logprobs"),
-        ({"max_new_tokens": 0}, "max_tokens=0"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0"),
         ({"dtype": int, "regex": "[0-9]"}, "regex together with dtype"),
-        ({"regex": "[0-9]", "json_schema": "{}"}, "together with json_schema"),
     ],
 )
 def test_unsupported_sampling_features_raise(overrides, feature):
@@ -251,6 +250,9 @@ def test_bad_sampling_values_raise():
         b.sampling_kwargs(_params(json_schema={"type": "object"}))
     with pytest.raises(ValueError, match="top_k"):
         b.sampling_kwargs(_params(top_k=-3))
+    # As SGLang's server answers (and /generate: tests/test_sglang_wire.py).
+    with pytest.raises(ValueError, match="Only one of json_schema, regex, ebnf, or structural_tag"):
+        b.sampling_kwargs(_params(regex="[0-9]", json_schema="{}"))
 
 
 def test_program_signatures():
@@ -406,12 +408,23 @@ def test_select_methods(agents):
     assert out["answer"] == "The capital of France is Paris."
     scores = out["variables"]["meta"]["normalized_prompt_logprobs"]
     assert len(scores) == 2 and scores[1] > scores[0]
-    for method in ("greedy_token_selection", "unconditional_likelihood_normalized"):
-        out = run(agents, "choose", question="What is the capital of France?", choices=choices, method=method)
-        assert out["answer"] in choices
-    # temperature > 0 samples (among the choices); greedy_token_selection cannot sample.
-    out = run(agents, "choose", question="What color is grass?", choices=choices, select_temperature=0.5)
-    assert out["answer"] in choices
+    # The other methods' deterministic picks for the built-in model.
+    picks = {
+        method: run(agents, "choose", question="What is the capital of France?", choices=choices, method=method)["answer"]
+        for method in ("greedy_token_selection", "unconditional_likelihood_normalized")
+    }
+    assert picks == {"greedy_token_selection": choices[1], "unconditional_likelihood_normalized": choices[1]}
+    # temperature > 0 samples from softmax(score / temperature): at 0.1 "Grass is green." leads by
+    # so much (2.25 nats) that the other choice's chance is below 1e-9; at 1e6 both are as likely.
+    out = run(agents, "choose", question="What color is grass?", choices=choices, select_temperature=0.1)
+    meta = out["variables"]["meta"]
+    assert meta["temperature"] == 0.1, meta  # sampled, not the greedy path
+    grass, paris = meta["normalized_prompt_logprobs"]
+    assert (grass - paris) / 0.1 > 20.8, meta  # exp(-20.8) < 1e-9
+    assert out["answer"] == "Grass is green."
+    handle, arguments = _call(agents, "choose", {"question": "What color is grass?", "choices": choices, "select_temperature": 1e6})
+    sampled = [r.result(timeout_s=120)["answer"] for r in [handle.run.remote(arguments) for _ in range(24)]]
+    assert set(sampled) == set(choices), sampled  # all the same: 2 * 2**-24
     with pytest.raises(AgentProgramError, match="select with temperature > 0 and GreedyTokenSelection"):
         run(agents, "choose", question="Hi", choices=choices, method="greedy_token_selection", select_temperature=0.5)
 
@@ -467,7 +480,7 @@ def test_raising_program_then_next_run_works(agents):
 
 
 def test_unsupported_feature_in_program(agents):
-    with pytest.raises(AgentProgramError, match=r"n > 1 in a single gen.*s.fork\(2\)"):
+    with pytest.raises(AgentProgramError, match=r"sampling parameters n=2 .*s\.fork\(2\)"):
         run(agents, "unsupported", question="Hi", feature="n")
     with pytest.raises(AgentProgramError, match="frequency_penalty"):
         run(agents, "unsupported", question="Hi", feature="frequency_penalty")

@@ -4,6 +4,7 @@ scraped from the node's real metrics export endpoint."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import time
 
@@ -33,12 +34,81 @@ def test_every_metric_is_tandem_prefixed_with_known_tags():
             assert name.endswith("_total")
 
 
-def test_recording_outside_ray_is_a_no_op():
+class Recorded(list):
+    """Stand-in metric objects for every metric (`metrics._objects`): each call appends
+    (name, op, value, tags)."""
+
+    def metric(self, name: str):
+        recorded = self
+
+        class Metric:
+            def inc(self, value, tags):
+                recorded.append((name, "inc", value, tags))
+
+            def set(self, value, tags):
+                recorded.append((name, "set", value, tags))
+
+            def observe(self, value, tags):
+                recorded.append((name, "observe", value, tags))
+
+        return Metric()
+
+
+@pytest.fixture
+def recorded(monkeypatch) -> Recorded:
+    calls = Recorded()
+    monkeypatch.setattr(metrics, "_objects", {name: calls.metric(name) for name in metrics.METRICS})
+    monkeypatch.setattr(metrics, "recording_errors", collections.Counter())
+    return calls
+
+
+def test_recording_outside_ray_is_a_no_op(monkeypatch):
+    import ray
+
+    # This process may have joined the session's cluster already (other test modules): not here.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(metrics, "_objects", {})
+    monkeypatch.setattr(metrics, "recording_errors", collections.Counter())
     metrics.record_http("/x", "GET", 500)
     metrics.update_engine_gauges("m", None, "r", {"running": 1, "waiting": 2, "kv_cache_usage": 0.5})
+    # No metric object was made (Ray's would take the values silently outside a worker), nothing failed.
+    assert metrics._objects == {}
+    assert metrics.recording_errors == {}
 
 
-def test_stream_decorator_keeps_a_generator_and_closes_the_engine_stream_at_once():
+def test_recording_reaches_the_metric_objects(recorded):
+    metrics.record_http("/v1/models", "GET", 200)
+    metrics.record_http("/v1/chat/completions", "POST", 404)
+    metrics.update_engine_gauges("m", None, "r0", {"running": 1, "waiting": 2, "kv_cache_usage": 0.5, "tokens_per_s": 7})
+    assert recorded == [
+        ("tandem_http_requests_total", "inc", 1, {"route": "/v1/models", "method": "GET", "status": "200"}),
+        ("tandem_http_requests_total", "inc", 1, {"route": "/v1/chat/completions", "method": "POST", "status": "404"}),
+        ("tandem_http_errors_total", "inc", 1, {"route": "/v1/chat/completions", "status": "404"}),
+        ("tandem_engine_requests_running", "set", 1.0, {"model": "m", "pool": "default", "replica": "r0"}),
+        ("tandem_engine_requests_waiting", "set", 2.0, {"model": "m", "pool": "default", "replica": "r0"}),
+        ("tandem_engine_kv_cache_usage", "set", 0.5, {"model": "m", "pool": "default", "replica": "r0"}),
+        ("tandem_engine_tokens_per_second", "set", 7.0, {"model": "m", "pool": "default", "replica": "r0"}),
+    ]
+    assert metrics.recording_errors == {}
+
+
+def test_a_failing_metric_never_fails_the_caller_and_is_counted(recorded, monkeypatch):
+    class Broken:
+        def inc(self, value, tags):
+            raise RuntimeError("metrics agent down")
+
+    monkeypatch.setitem(metrics._objects, "tandem_http_requests_total", Broken())
+    warned = []
+    monkeypatch.setattr(metrics.logger, "warning", lambda msg, *args, **kwargs: warned.append(msg % args))
+    for _ in range(3):
+        metrics.record_http("/v1/models", "GET", 503)  # does not raise
+    assert metrics.recording_errors == {"tandem_http_requests_total": 3}
+    # The other metric of the same request is still recorded; the failure is logged once.
+    assert recorded == [("tandem_http_errors_total", "inc", 1, {"route": "/v1/models", "status": "503"})] * 3
+    assert warned == ["recording metric tandem_http_requests_total failed; further failures are not logged"]
+
+
+def test_stream_decorator_keeps_a_generator_and_closes_the_engine_stream_at_once(recorded):
     from deployments.base_model import BaseModelServer
 
     assert inspect.isasyncgenfunction(BaseModelServer.stream)  # Serve streams it
@@ -63,6 +133,15 @@ def test_stream_decorator_keeps_a_generator_and_closes_the_engine_stream_at_once
 
     assert asyncio.run(consume())["completion_tokens"] == 1
     assert closed == [True]
+    # Recorded as a cancelled generation of one token: its TTFT and tokens, no TPOT (needs 2 tokens).
+    tags = {"model": "m", "pool": "default"}
+    (name, op, ttft, ttft_tags), *rest = recorded
+    assert (name, op, ttft_tags) == ("tandem_model_time_to_first_token_seconds", "observe", tags) and ttft >= 0
+    assert rest == [
+        ("tandem_model_requests_total", "inc", 1, {**tags, "status": "cancelled"}),
+        ("tandem_model_prompt_tokens_total", "inc", 3, tags),
+        ("tandem_model_generation_tokens_total", "inc", 1, tags),
+    ]
 
 
 # -- on the session's cluster --------------------------------------------------------------------------

@@ -3,6 +3,7 @@ queried over HTTP with the openai client, then stopped with Ctrl-C (SIGINT)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
@@ -19,6 +21,7 @@ from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 STARTUP_TIMEOUT_S = 420
+SHUTDOWN_TIMEOUT_S = 60
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
@@ -47,6 +50,36 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _tree(proc: subprocess.Popen) -> dict[psutil.Process, str]:
+    """`serve run` and every process under it, with their names: the local Ray cluster it started
+    (GCS, raylet, workers and the replicas in them)."""
+    root = psutil.Process(proc.pid)
+    tree = {}
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree[p] = p.name()
+    return tree
+
+
+def _alive(processes) -> list[psutil.Process]:
+    alive = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:  # is_running: the same process, not a reused pid
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=5)
+    except httpx.TransportError:  # refused (or, still closing, reset / timed out)
+        return False
+    return True
+
+
 def test_serve_run_default_config(tmp_path):
     # The shipped cluster.yaml, on a free port so it cannot collide with anything else.
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
@@ -63,15 +96,31 @@ def test_serve_run_default_config(tmp_path):
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen([str(serve), "run", str(path)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    tree: dict[psutil.Process, str] = {}
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, log)
+        tree = _tree(proc)
+        assert {"raylet", "gcs_server"} <= set(tree.values()), sorted(tree.values())
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         stream = client.chat.completions.create(
             model="tiny-chat", messages=[{"role": "user", "content": "What is the capital of France?"}], stream=True, temperature=0
         )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        assert text.strip()
+        assert text == "The capital of France is Paris."
+
+        # Ctrl-C: serve run shuts Serve down and exits 0 (not the SIGKILL fallback of _stop), and
+        # takes its Ray cluster with it: no process of the tree is left and the port stops answering.
+        _stop(proc)
+        assert proc.returncode == 0, log.read_text()[-4000:]
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+        while (_alive(tree) or _answers(url)) and time.monotonic() < deadline:
+            time.sleep(1)
+        left = [f"{p.pid} {tree[p]}" for p in _alive(tree)]
+        assert not left, f"still running {SHUTDOWN_TIMEOUT_S}s after serve run exited: {left}"
+        assert not _answers(url), f"port {port} still answers after serve run exited"
     finally:
         _stop(proc)
-    assert proc.returncode is not None
+        for p in _alive(tree):  # what a failed shutdown left behind
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()

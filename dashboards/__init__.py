@@ -1,0 +1,1 @@
+"""Tandem's Grafana dashboard: `dashboards/build.py` generates `dashboards/tandem.json`."""

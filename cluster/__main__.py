@@ -2,8 +2,9 @@
 
 - `python -m cluster check FILE...`: validate Ray Serve config files without starting Ray, and
   print what each would deploy.
-- `python -m cluster run FILE`: check, then hand over to `serve run FILE` (Ray's own runner), so
-  that a bad config fails before Ray starts. Ctrl-C stops the cluster it started.
+- `python -m cluster run FILE`: check, build the built-in models the config uses (with progress, on
+  this terminal), then run `serve run FILE` (Ray's own runner), so that a bad config fails before
+  Ray starts; says when the application answers, and where. Ctrl-C (or SIGTERM) stops the cluster.
 - `python -m cluster plan FILE [--address HOST:PORT]`: what each replica needs and, on a running
   Ray cluster, which nodes could host it (see cluster/plan.py; exit 2 when something cannot be placed).
 """
@@ -11,15 +12,24 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
 
 from autoscale.policy import describe as describe_replicas
 from cluster.app import agent_deployment_name
 from cluster.config import ConfigError
 from cluster.plan import run_plan
 from cluster.resolve import agent_own_model, load_serve_config, model_pools
+from deployments.models.builtin import BUILTIN_PREFIX, resolve_model_source
 from placement.resources import describe as describe_accelerator
 
 
@@ -64,6 +74,64 @@ def _check(path: str) -> int:
     return 0
 
 
+def _builtin_sources(apps) -> list[str]:
+    sources = set()
+    for _, cfg in apps:
+        plans = [p for m in cfg.models for p in model_pools(m)] + [o for a in cfg.agents if (o := agent_own_model(a))]
+        sources |= {p.source for p in plans if p.source.startswith(BUILTIN_PREFIX)}
+    return sorted(sources)
+
+
+def _urls(doc: dict, app: dict) -> dict[str, str]:
+    http = doc.get("http_options") or {}
+    host = http.get("host") or "127.0.0.1"
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{host}:{http.get('port', 8000)}" + (app.get("route_prefix") or "/").rstrip("/")
+    return {"OpenAI API": base + "/v1", "console": base + "/", "health": base + "/health"}
+
+
+def _answers(health_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(health_url, timeout=2) as r:  # noqa: S310 - a loopback URL of our own config
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _run(path: str, serve_args: list[str]) -> int:
+    serve = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
+    if serve is None:
+        print("`serve` (from ray[serve]) is not installed in this environment", file=sys.stderr)
+        return 1
+    apps = load_serve_config(path)
+    # Built here, in front of the user, rather than silently inside the first replica (the others wait
+    # on its lock); replicas on this machine then find them in the cache.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for source in _builtin_sources(apps):
+        print(f"preparing {source} (built once per machine, then cached)", flush=True)
+        resolve_model_source(source)
+    urls = _urls(yaml.safe_load(Path(path).read_text()), apps[0][0])
+    # Its own session: a Ctrl-C reaches it once, from here, not twice (a second one would cut Serve's
+    # graceful shutdown short).
+    child = subprocess.Popen([serve, "run", path, *serve_args], start_new_session=True)
+
+    def forward(signum, _frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    announced = False
+    while child.poll() is None:
+        if not announced and _answers(urls["health"]):
+            announced = True
+            width = max(map(len, urls))
+            lines = [f"  {name:<{width}}  {url}" for name, url in urls.items()]
+            print("\nTandem is ready:\n" + "\n".join(lines) + "\nCtrl-C stops the cluster.\n", flush=True)
+        time.sleep(1)
+    return child.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster", description="Tandem cluster tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,12 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_plan(args.file, args.address)
     if _check(args.file) != 0:
         return 1
-    serve = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
-    if serve is None:
-        print("`serve` (from ray[serve]) is not installed in this environment", file=sys.stderr)
-        return 1
-    sys.stdout.flush()
-    os.execv(serve, [serve, "run", args.file, *args.serve_args])
+    return _run(args.file, args.serve_args)
 
 
 if __name__ == "__main__":

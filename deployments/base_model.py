@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from typing import Any, AsyncIterator
 
@@ -63,9 +64,13 @@ class BaseModelServer:
     ):
         from transformers import AutoTokenizer
 
+        started = time.monotonic()
+        what = f"base model {model_name}" + (f" (pool {pool})" if pool else "")
+        logger.info("%s: loading %s with engine %s (step 1/3: model files)", what, source, engine)
         # Resolved here, on the replica's node: a builtin model is built into (or an HF repo id
         # downloaded to) that node's cache.
         model_path = str(await asyncio.to_thread(resolve_model_source, source))
+        logger.info("%s: step 2/3: tokenizer (%.1f s)", what, time.monotonic() - started)
         self.model_name = model_name
         self.pool = pool  # None: the model has a single pool
         self.source = source
@@ -73,11 +78,12 @@ class BaseModelServer:
         self.engine_name = engine
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.engine = create_engine(engine, model_path, dict(engine_args or {}), self.tokenizer, device_count)
+        logger.info("%s: step 3/3: starting the %s engine (%.1f s)", what, engine, time.monotonic() - started)
         await self.engine.start()
         self.replica_id = serve.get_replica_context().replica_id.unique_id if in_replica() else "local"
         if in_replica():
             self._engine_gauges = metrics.start_engine_gauges(self)  # queue depth / KV cache for Prometheus
-        logger.info("base model %s ready on replica %s (engine %s)", model_name, self.replica_id, engine)
+        logger.info("%s ready on replica %s (engine %s) in %.1f s", what, self.replica_id, engine, time.monotonic() - started)
 
     # -- prompt rendering ------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""`serve run cluster.yaml` the way a user runs it: a subprocess with its own local Ray cluster,
-queried over HTTP with the openai client, then stopped with Ctrl-C (SIGINT)."""
+"""`make serve` the way a user runs it (`python -m cluster run cluster.yaml`, which runs Ray's
+`serve run cluster.yaml`): a subprocess with its own local Ray cluster, queried over HTTP with the
+openai client, then stopped with Ctrl-C (SIGINT)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,12 @@ def _alive(processes) -> list[psutil.Process]:
     return alive
 
 
+def _cmdline(p: psutil.Process) -> list[str]:
+    with contextlib.suppress(psutil.Error):
+        return p.cmdline()
+    return []
+
+
 def _answers(url: str) -> bool:
     try:
         httpx.get(url + "/health", timeout=5)
@@ -92,10 +99,12 @@ def test_serve_run_default_config(tmp_path):
     # Its own local Ray cluster, as on a fresh machine: without an address, `serve run` would join the
     # test session's cluster (Ray finds the newest local cluster) and redeploy the session's app.
     env["RAY_ADDRESS"] = "local"
-    serve = Path(sys.executable).parent / "serve"
     log = tmp_path / "serve.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([str(serve), "run", str(path)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster", "run", str(path)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     tree: dict[psutil.Process, str] = {}
     try:
         url = f"http://127.0.0.1:{port}"
@@ -108,7 +117,15 @@ def test_serve_run_default_config(tmp_path):
         )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert text == "The capital of France is Paris."
+        # It said when the application answered, and where (announced within a poll of /health).
+        deadline = time.monotonic() + 10
+        while "Tandem is ready" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        output = log.read_text()
+        assert f"OpenAI API  http://127.0.0.1:{port}/v1\n" in output, output[-4000:]
+        assert f"console     http://127.0.0.1:{port}/\n" in output and "preparing builtin:tiny-chat" in output
 
+        assert {"serve"} <= {Path(c).name for p in tree for c in _cmdline(p)[:2]}, "serve run is not under cluster run"
         # Ctrl-C: serve run shuts Serve down and exits 0 (not the SIGKILL fallback of _stop), and
         # takes its Ray cluster with it: no process of the tree is left and the port stops answering.
         _stop(proc)

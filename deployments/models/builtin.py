@@ -32,6 +32,7 @@ from filelock import FileLock
 
 from deployments.models import corpus
 from deployments.models.corpus import CHAT_PAIRS, SYSTEM_PROMPTS, TOKENIZER_EXTRA_TEXT
+from deployments.models.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -500,12 +501,16 @@ def _train_and_save_weights(out_dir: Path, config, samples: list[_Sample]) -> No
         rng = random.Random(_SEED)
         replay: set[int] = set()
         step = 0
+        # Training usually stops once every answer is learned, before the schedule's end; a repair
+        # epoch past it extends the bar.
+        progress = Progress("building builtin:tiny-chat", _EPOCHS, unit="epochs", rate_unit="training tokens", log=log)
         for epoch in range(1, _EPOCHS + _MAX_REPAIR_EPOCHS + 1):
             # Cosine from _LR down to _MIN_LR_FRACTION * _LR over _EPOCHS, then flat (repair epochs);
             # a linear warmup over the first _WARMUP_STEPS steps.
-            progress = min(1.0, (epoch - 1) / _EPOCHS)
-            lr = _LR * (_MIN_LR_FRACTION + (1 - _MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+            schedule = min(1.0, (epoch - 1) / _EPOCHS)
+            lr = _LR * (_MIN_LR_FRACTION + (1 - _MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * schedule)))
             losses = []
+            tokens = 0
             for input_ids, labels in _epoch_batches(samples, replay, rng, pad_id):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * min(1.0, (step + 1) / _WARMUP_STEPS)
@@ -518,6 +523,9 @@ def _train_and_save_weights(out_dir: Path, config, samples: list[_Sample]) -> No
                 optimizer.step()
                 step += 1
                 losses.append(loss.item())
+                tokens += int((labels != -100).sum())
+            progress.total = max(progress.total, epoch)
+            progress.advance(1, amount=tokens, note=f"loss {sum(losses) / len(losses):.3f}")
             every = _CHECK_EVERY if epoch <= _EPOCHS else 5
             if epoch >= _FIRST_CHECK and (epoch - _FIRST_CHECK) % every == 0:
                 replay = _unlearned_samples(model, samples, pad_id)
@@ -525,6 +533,8 @@ def _train_and_save_weights(out_dir: Path, config, samples: list[_Sample]) -> No
                           epoch, sum(losses) / len(losses), len(replay))
                 if not replay:
                     break
+        progress.total = epoch
+        progress.done(note=f"every answer learned after {epoch} epochs" if not replay else f"{len(replay)} answers not learned")
         if replay:
             log.warning("tiny-chat: %d trained answers still not reproduced after %d epochs", len(replay), epoch)
         log.info("tiny-chat trained in %.1f s (%d epochs)", time.perf_counter() - start, epoch)

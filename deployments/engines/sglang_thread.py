@@ -61,7 +61,9 @@ class EngineThread:
             except BaseException as e:  # noqa: BLE001 - handed to start()'s caller
                 ready.set_exception(e)
                 return
-            ready.set_result(built)
+            # Resolved from inside the running loop: when start() returns, is_alive() holds (every
+            # request starts with a health check, which reads loop.is_running()).
+            loop.call_soon(ready.set_result, built)
             try:
                 loop.run_forever()
             finally:

@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tandem-installed
+# Debian's Chromium, for the web console's browser tests (tests/test_console.py, via Playwright).
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: serve test bench
 
@@ -24,8 +26,14 @@ $(STAMP): pyproject.toml Makefile
 serve: $(STAMP)
 	$(PY) -m cluster run cluster.yaml
 
-test: $(STAMP)
+test: $(CHROMIUM) $(STAMP)
 	$(PY) -m pytest -q -ra
+
+# Installed when missing, as root (CI runs as root), else through sudo. Playwright's own browser
+# download (`playwright install`) is not used.
+$(CHROMIUM):
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
 bench: $(STAMP)
 	$(PY) benchmarks/gateway_vs_direct.py

@@ -14,15 +14,17 @@ import logging
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from cluster import sglang_protocol
+from cluster.cluster_state import ClusterView
 from cluster.dispatch import Choice, Generation, PoolDispatcher, child_call, engine_error
 from cluster.openai_protocol import (
     SSE_DONE,
@@ -41,6 +43,11 @@ from deployments.replica import in_replica
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="Tandem", description="OpenAI-compatible gateway of a Tandem cluster")
+
+# The web console: static files, no build step; every URL in them is relative to the page.
+CONSOLE_DIR = Path(__file__).resolve().parent / "console"
+CONSOLE_ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+_NO_CACHE = {"Cache-Control": "no-cache"}
 
 
 @app.exception_handler(OpenAIError)
@@ -206,6 +213,7 @@ class Gateway:
         self.api_keys = [k.strip() for k in keys.split(",") if k.strip()]
         if api_keys_env and not self.api_keys:
             logger.warning("gateway.api_keys_env=%s is set but the variable is empty: requests are not authenticated", api_keys_env)
+        self.cluster_view = ClusterView(self.dispatcher.pools, self.agents, auth=bool(self.api_keys))
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -262,6 +270,33 @@ class Gateway:
         if balancer.app_name is not None:
             await balancer.refresh()
         return {"object": "list", "data": [{"model": m, "pools": pools} for m, pools in balancer.state().items()]}
+
+    @app.get("/v1/cluster")
+    async def cluster_state(self, request: Request):
+        """Everything the console shows: models and their pools with engine numbers, agents with
+        their run counts, and the gateway's own view (cluster/cluster_state.py)."""
+        self._authorize(request)
+        return await self.cluster_view.snapshot()
+
+    # -- the web console (cluster/console/; the files need no key, the API calls they make do) ----
+
+    @app.get("/", include_in_schema=False)
+    async def console_root(self, request: Request):
+        # Under a route prefix without its trailing slash ("/prefix"), the page's relative URLs
+        # would resolve against the parent: send the browser to "/prefix/" first.
+        if not request.url.path.endswith("/"):
+            return RedirectResponse(request.url.path + "/", status_code=307)
+        return FileResponse(CONSOLE_DIR / "index.html", media_type="text/html; charset=utf-8", headers=_NO_CACHE)
+
+    @app.get("/console", include_in_schema=False)
+    async def console_page(self):
+        return FileResponse(CONSOLE_DIR / "index.html", media_type="text/html; charset=utf-8", headers=_NO_CACHE)
+
+    @app.get("/console/{asset}", include_in_schema=False)
+    async def console_asset(self, asset: str):
+        if asset not in CONSOLE_ASSETS:
+            raise OpenAIError(404, f"No console file '{asset}'.", code="not_found")
+        return FileResponse(CONSOLE_DIR / asset, media_type=CONSOLE_ASSETS[asset], headers=_NO_CACHE)
 
     @app.get("/v1/models")
     async def list_models(self, request: Request):

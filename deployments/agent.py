@@ -6,6 +6,8 @@
 Handle methods:
 
 - `describe()` -> {"name", "program", "doc", "arguments": [names], "required": [names]}
+- `stats()` -> this replica's runs since it started: {"replica", "runs", "errors", "run_seconds"}
+  (`run_seconds`: wall-clock times of its last `RunStats.KEEP` successful runs, for percentiles)
 - `run(arguments)` -> {"answer", "variables", "session_id", "calls"}
 - `run_stream(arguments)` -> async generator of {"variable": name, "delta": text} events (in the
   order the program produces text), then one {"done": True, "answer", "variables", "session_id",
@@ -22,6 +24,8 @@ naming the program and the message; a limit raises `AgentLimitError`; the replic
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import importlib
 import inspect
 import logging
@@ -124,6 +128,63 @@ def _jsonable(value: Any) -> Any:
 def _describe(e: BaseException) -> tuple[str, str]:
     cause = getattr(e, "cause", None) or e
     return type(cause).__name__, str(cause)
+
+
+class RunStats:
+    """Counts of one replica's runs, for the console (`stats()`): every run that ends counts in
+    `runs`; one that raised (bad arguments, a limit, a failing program; not a cancellation) also in
+    `errors`; a successful one adds its wall-clock time to `run_seconds` (the last KEEP)."""
+
+    KEEP = 256
+
+    def __init__(self):
+        self.runs = 0
+        self.errors = 0
+        self.run_seconds: collections.deque[float] = collections.deque(maxlen=self.KEEP)
+
+    def done(self, started: float, error: BaseException | None) -> None:
+        self.runs += 1
+        if error is None:
+            self.run_seconds.append(time.monotonic() - started)
+        elif not isinstance(error, (asyncio.CancelledError, GeneratorExit, RunCancelledError)):
+            self.errors += 1
+
+
+def _counted_run(method):
+    """Counts `AgentServer.run` (a coroutine) in the replica's `RunStats`."""
+
+    @functools.wraps(method)
+    async def run(self, *args, **kwargs):
+        started, error = time.monotonic(), None
+        try:
+            return await method(self, *args, **kwargs)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            self.run_stats.done(started, error)
+
+    return run
+
+
+def _counted_stream(method):
+    """Counts `AgentServer.run_stream` (an async generator) in the replica's `RunStats`."""
+
+    @functools.wraps(method)
+    async def run_stream(self, *args, **kwargs):
+        started, error = time.monotonic(), None
+        events = method(self, *args, **kwargs)
+        try:
+            async for event in events:
+                yield event
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            await events.aclose()
+            self.run_stats.done(started, error)
+
+    return run_stream
 
 
 class _Run:
@@ -256,6 +317,7 @@ class AgentServer:
         self._executor = ThreadPoolExecutor(max_workers=max_concurrent_runs, thread_name_prefix=f"agent-{name}")
         self._context: ModelContext | None = None
         self._context_lock = threading.Lock()
+        self.run_stats = RunStats()
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -327,7 +389,13 @@ class AgentServer:
             "required": list(self.required),
         }
 
+    async def stats(self) -> dict:
+        replica = serve.get_replica_context().replica_id.unique_id if in_replica() else "local"
+        st = self.run_stats
+        return {"replica": replica, "runs": st.runs, "errors": st.errors, "run_seconds": list(st.run_seconds)}
+
     @metrics.record_agent_run
+    @_counted_run
     async def run(self, arguments: dict | None = None) -> dict:
         kwargs = self._validate(arguments)
         run = _Run(self, kwargs, stream=False, model=await self._run_model())
@@ -339,6 +407,7 @@ class AgentServer:
         return run.result()
 
     @metrics.record_agent_stream
+    @_counted_stream
     async def run_stream(self, arguments: dict | None = None) -> AsyncIterator[dict]:
         kwargs = self._validate(arguments)
         run = _Run(self, kwargs, stream=True, model=await self._run_model())

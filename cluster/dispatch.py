@@ -93,6 +93,10 @@ def _no_replica_in_time(pool: Pool, timeout: float) -> OpenAIError:
     )
 
 
+# How often a request waiting for its first delta checks that its pool still has a running replica.
+_REPLICA_WATCH_S = 1.0
+
+
 class _PoolFailed(Exception):
     """The pool's replica was lost before the response started: the next pool may take the request."""
 
@@ -208,7 +212,7 @@ class PoolDispatcher:
             pool = self.pick(model, tried)
             tried += (pool,)
             try:
-                generation = await self._start_on(pool, jobs, prompt_param)
+                generation = await self._start_on(model, pool, jobs, prompt_param)
                 if collect:
                     try:
                         await self._collect(generation.choices, prompt_param)
@@ -220,7 +224,7 @@ class PoolDispatcher:
                     raise engine_error(failed.error, prompt_param) from None
                 logger.warning("pool %s of %s failed (%s); trying the next pool", pool.name, model, failed.error)
 
-    async def _start_on(self, pool: Pool, jobs: list[dict[str, Any]], prompt_param: str) -> Generation:
+    async def _start_on(self, model: str, pool: Pool, jobs: list[dict[str, Any]], prompt_param: str) -> Generation:
         # With no running replica, the request waits for one to start: bounded by the pool's
         # cold_start_timeout_s, whether it scales from zero or replaces replicas it lost.
         waits_for_replica = pool.has_no_running_replica()
@@ -229,11 +233,11 @@ class PoolDispatcher:
         stream = pool.handle.options(stream=True)
         choices = [Choice(i, child_call(stream.stream, **job)) for i, job in enumerate(jobs)]
         try:
-            firsts = await asyncio.wait_for(asyncio.gather(*(c.gen.__anext__() for c in choices)), timeout=timeout)
+            firsts = await self._first_deltas(model, pool, choices, timeout, waits_for_replica)
         except BaseException as e:
             lease.release()
             _cancel(choices)
-            if isinstance(e, asyncio.CancelledError):
+            if isinstance(e, (asyncio.CancelledError, _PoolFailed)):
                 raise
             if waits_for_replica and isinstance(e, (asyncio.TimeoutError, TimeoutError)):
                 raise _no_replica_in_time(pool, timeout) from None
@@ -243,6 +247,27 @@ class PoolDispatcher:
         for c, first in zip(choices, firsts):
             c.first = first
         return Generation(choices, lease)
+
+    async def _first_deltas(self, model: str, pool: Pool, choices: list[Choice], timeout: float, waits_for_replica: bool) -> list:
+        """The first delta of each stream. A request sent to a pool whose last replica is then lost
+        waits in Serve's router queue for a replica that may never come (its node is gone): once the
+        pool is known to have none while another pool has one, the next pool takes the request."""
+        firsts = asyncio.ensure_future(asyncio.gather(*(c.gen.__anext__() for c in choices)))
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                done, _ = await asyncio.wait({firsts}, timeout=min(left, _REPLICA_WATCH_S))
+                if done:
+                    return firsts.result()
+                others = [p for p in self.pools.pools[model] if p is not pool and p.running]
+                if not waits_for_replica and pool.has_no_running_replica() and others:
+                    raise _PoolFailed(NoPoolAvailable(f"pool {pool.name} of model '{model}' lost its running replicas"))
+        finally:
+            if not firsts.done():
+                firsts.cancel()
 
     async def _collect(self, choices: list[Choice], prompt_param: str) -> None:
         async def drain(c: Choice):

@@ -194,6 +194,61 @@ class _NeverReady:
         pass
 
 
+class _Answers(_NeverReady):
+    """A base-model handle whose every stream is one finished delta."""
+
+    def __init__(self):
+        self.sent = 0
+
+    def remote(self, **_):
+        return _OneDelta(self)
+
+
+class _OneDelta:
+    def __init__(self, handle: _Answers):
+        self.handle, self.done = handle, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.done:
+            raise StopAsyncIteration
+        self.done = True
+        self.handle.sent += 1
+        return {"text": "hi", "token_ids": [1], "prompt_tokens": 3, "completion_tokens": 1,
+                "finish_reason": "stop", "stop_reason": None}
+
+    def cancel(self):
+        pass
+
+
+async def test_a_request_queued_on_a_pool_that_loses_its_last_replica_moves_to_the_next_pool():
+    """Sent to pool "x" while it still counted a running replica, the request waits in Serve's
+    router queue for a replica that never comes (its node is gone); once "x" is known to have none
+    and "y" has one, "y" answers it. (Seen live: the request otherwise waited request_timeout_s.)"""
+    from cluster.dispatch import PoolDispatcher
+
+    common = {"model": "m", "min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2, "cold_start_timeout_s": 300}
+    y = _Answers()
+    dispatcher = PoolDispatcher(
+        {"m": [{"handle": _NeverReady(), "pool": "x", "deployment": "BaseModel-m-x", **common},
+               {"handle": y, "pool": "y", "deployment": "BaseModel-m-y", **common}]},
+        app_name=None, request_timeout_s=600,
+    )
+    px, py = dispatcher.pools.pools["m"]
+    px.running = py.running = 1
+    started = time.monotonic()
+    request = asyncio.ensure_future(dispatcher.start("m", [{"messages": QUESTION}], "messages", collect=True))
+    await asyncio.sleep(0.3)
+    assert not request.done() and px.in_flight == 1  # waiting on x
+    px.running = 0  # what the next refresh from Serve's controller says
+    generation = await asyncio.wait_for(request, timeout=5)
+    assert ["".join(c.text) for c in generation.choices] == ["hi"] and y.sent == 1
+    assert (px.in_flight, py.in_flight, px.served, py.served) == (0, 0, 1, 1)
+    assert time.monotonic() - started < 3
+
+
 @pytest.mark.parametrize("min_replicas, code", [(0, "model_cold_start_timeout"), (1, "no_replica_available")])
 async def test_waiting_for_a_replica_that_never_starts_is_a_503_that_says_why(min_replicas, code):
     """Scaled to zero, it is a cold start; with min >= 1 its replicas were lost or never placed,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import importlib
 import inspect
 import logging
@@ -131,9 +130,10 @@ def _describe(e: BaseException) -> tuple[str, str]:
 
 
 class RunStats:
-    """Counts of one replica's runs, for the console (`stats()`): every run that ends counts in
-    `runs`; one that raised (bad arguments, a limit, a failing program; not a cancellation) also in
-    `errors`; a successful one adds its wall-clock time to `run_seconds` (the last KEEP)."""
+    """Counts of one replica's runs, for the console (`stats()`), fed by the metrics decorators with
+    their status: every run that ends counts in `runs`; one that raised (status invalid, limit or
+    error; not cancelled) also in `errors`; a successful one adds its wall-clock time to
+    `run_seconds` (the last KEEP)."""
 
     KEEP = 256
 
@@ -142,49 +142,12 @@ class RunStats:
         self.errors = 0
         self.run_seconds: collections.deque[float] = collections.deque(maxlen=self.KEEP)
 
-    def done(self, started: float, error: BaseException | None) -> None:
+    def done(self, status: str, seconds: float) -> None:
         self.runs += 1
-        if error is None:
-            self.run_seconds.append(time.monotonic() - started)
-        elif not isinstance(error, (asyncio.CancelledError, GeneratorExit, RunCancelledError)):
+        if status == "ok":
+            self.run_seconds.append(seconds)
+        elif status != "cancelled":
             self.errors += 1
-
-
-def _counted_run(method):
-    """Counts `AgentServer.run` (a coroutine) in the replica's `RunStats`."""
-
-    @functools.wraps(method)
-    async def run(self, *args, **kwargs):
-        started, error = time.monotonic(), None
-        try:
-            return await method(self, *args, **kwargs)
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            self.run_stats.done(started, error)
-
-    return run
-
-
-def _counted_stream(method):
-    """Counts `AgentServer.run_stream` (an async generator) in the replica's `RunStats`."""
-
-    @functools.wraps(method)
-    async def run_stream(self, *args, **kwargs):
-        started, error = time.monotonic(), None
-        events = method(self, *args, **kwargs)
-        try:
-            async for event in events:
-                yield event
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            await events.aclose()
-            self.run_stats.done(started, error)
-
-    return run_stream
 
 
 class _Run:
@@ -395,7 +358,6 @@ class AgentServer:
         return {"replica": replica, "runs": st.runs, "errors": st.errors, "run_seconds": list(st.run_seconds)}
 
     @metrics.record_agent_run
-    @_counted_run
     async def run(self, arguments: dict | None = None) -> dict:
         kwargs = self._validate(arguments)
         run = _Run(self, kwargs, stream=False, model=await self._run_model())
@@ -407,7 +369,6 @@ class AgentServer:
         return run.result()
 
     @metrics.record_agent_stream
-    @_counted_stream
     async def run_stream(self, arguments: dict | None = None) -> AsyncIterator[dict]:
         kwargs = self._validate(arguments)
         run = _Run(self, kwargs, stream=True, model=await self._run_model())

@@ -252,11 +252,14 @@ def _agent_status(e: BaseException) -> str:
     return _status_of(e)
 
 
-def _agent_done(agent: str, start: float, status: str, error: BaseException | None) -> None:
+def _agent_done(server, start: float, status: str, error: BaseException | None) -> None:
+    agent, seconds = server.name, time.monotonic() - start
     _record("tandem_agent_runs_total", "inc", 1, {"agent": agent, "status": status})
-    _record("tandem_agent_run_seconds", "observe", time.monotonic() - start, {"agent": agent, "status": status})
+    _record("tandem_agent_run_seconds", "observe", seconds, {"agent": agent, "status": status})
     if error is not None and status != "cancelled":
         _record("tandem_agent_errors_total", "inc", 1, {"agent": agent, "error": type(error).__name__})
+    # The replica's own counts (what the console shows), from the same status.
+    server.run_stats.done(status, seconds)
 
 
 def record_agent_run(method):
@@ -273,7 +276,7 @@ def record_agent_run(method):
             status, error = _agent_status(e), e
             raise
         finally:
-            _agent_done(self.name, start, status, error)
+            _agent_done(self, start, status, error)
 
     return run
 
@@ -294,7 +297,7 @@ def record_agent_stream(method):
             raise
         finally:
             await events.aclose()
-            _agent_done(self.name, start, status, error)
+            _agent_done(self, start, status, error)
 
     return run_stream
 

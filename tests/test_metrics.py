@@ -34,6 +34,35 @@ def test_every_metric_is_tandem_prefixed_with_known_tags():
             assert name.endswith("_total")
 
 
+async def test_agent_runs_feed_the_replicas_own_counts_with_the_metrics_status():
+    """The console's per-replica agent counts (`RunStats`) come from the same decorators as the
+    Prometheus metrics: ok runs add their time, invalid / limit / error runs count as errors,
+    cancelled ones as neither."""
+    from deployments.agent import RunStats
+    from deployments.agents.errors import AgentLimitError
+
+    class Server:
+        name = "a"
+
+        def __init__(self):
+            self.run_stats = RunStats()
+
+        @metrics.record_agent_run
+        async def run(self, outcome):
+            if outcome is not None:
+                raise outcome
+            return {}
+
+    server = Server()
+    for outcome in (None, ValueError("bad argument"), AgentLimitError("max_calls", 3), RuntimeError("boom"), asyncio.CancelledError()):
+        try:
+            await server.run(outcome)
+        except BaseException:  # noqa: BLE001 - each outcome is counted, not what it raises
+            pass
+    st = server.run_stats
+    assert (st.runs, st.errors, len(st.run_seconds)) == (5, 3, 1)
+
+
 class Recorded(list):
     """Stand-in metric objects for every metric (`metrics._objects`): each call appends
     (name, op, value, tags)."""

@@ -134,6 +134,14 @@ class ChatMessage(BaseModel):
     content: str | list[dict] | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _content_given(self):
+        # OpenAI refuses a message without content (null or missing); only an assistant message
+        # with tool_calls may leave it out, and Tandem does not take tool_calls yet.
+        if self.content is None:
+            raise ValueError(f"content is required for a {self.role!r} message (got null or nothing)")
+        return self
+
     def text(self) -> str:
         """Content as plain text; only text parts are supported."""
         if self.content is None:

@@ -191,6 +191,22 @@ def test_auth_missing_and_wrong_key_are_401(base_url):
     assert httpx.get(base_url + "/models", headers={"Authorization": "Bearer sk-second-key"}, timeout=30).status_code == 200
 
 
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": None},
+    {"role": "user"},
+    {"role": "assistant", "content": None},
+])
+def test_a_message_without_content_is_400_as_openai_answers(base_url, message):
+    body = {"model": MODEL, "messages": [*QUESTION, message] if message["role"] == "assistant" else [message]}
+    r = httpx.post(base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert r.status_code == 400, r.text
+    index = 1 if message["role"] == "assistant" else 0
+    assert r.json()["error"] == {
+        "message": f"messages.{index}: content is required for a {message['role']!r} message (got null or nothing)",
+        "type": "invalid_request_error", "param": f"messages.{index}", "code": "invalid_value",
+    }
+
+
 def test_bad_json_is_400(base_url):
     r = httpx.post(base_url + "/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

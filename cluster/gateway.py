@@ -96,11 +96,15 @@ async def _closing(events: AsyncIterator[str], generation: Generation) -> AsyncI
 
 
 def _agent_error(e: BaseException) -> OpenAIError:
-    """Bad arguments are the client's error (400); a failing or runaway program is the server's."""
+    """Bad arguments are the client's error (400); a failing or runaway program is the server's.
+    Messages are rebuilt from the errors' fields: `str()` of an error raised in a replica is Ray's
+    traceback of it (actor names, paths, terminal colours), which is no body for a client."""
     if isinstance(e, AgentLimitError):
-        return OpenAIError(504 if e.limit == "timeout_s" else 500, str(e), type="server_error", code=f"agent_limit_{e.limit}")
+        message = str(AgentLimitError(e.limit, e.value, e.detail))
+        return OpenAIError(504 if e.limit == "timeout_s" else 500, message, type="server_error", code=f"agent_limit_{e.limit}")
     if isinstance(e, AgentProgramError):
-        return OpenAIError(500, str(e), type="server_error", code="agent_program_error")
+        message = str(AgentProgramError(e.program, e.message, e.error_type))
+        return OpenAIError(500, message, type="server_error", code="agent_program_error")
     return engine_error(e, "arguments")
 
 

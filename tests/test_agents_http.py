@@ -62,6 +62,16 @@ def test_each_builtin_agent_over_http(tandem_app, name):
     assert body["calls"] == calls and len(body["session_id"]) == 32
 
 
+def test_a_failing_program_is_a_500_with_a_clean_message(tandem_app):
+    """An argument the program cannot use (a dict where it concatenates text) fails the program: the
+    body says so plainly, with no Ray traceback, actor name or terminal colour codes."""
+    r = _post(f"{tandem_app}/v1/agents/safe_response", {"question": {"nested": [1]}})
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["type"]) == ("agent_program_error", "server_error")
+    assert error["message"] == "agent program deployments.programs:safe_response failed: AssertionError: {'nested': [1]}"
+
+
 def test_self_consistency_forks_and_selects_a_draft(tandem_app):
     # Greedy drafts, so that every value is known: three forks agree on one candidate.
     body = _post(f"{tandem_app}/v1/agents/self_consistency", {"question": QUESTION, "num_drafts": 3, "draft_temperature": 0}).json()

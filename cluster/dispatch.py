@@ -69,7 +69,9 @@ def engine_error(e: BaseException, prompt_param: str) -> OpenAIError:
     if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
         return OpenAIError(504, "The request timed out.", type="server_error", code="timeout")
     logger.exception("request failed", exc_info=e)
-    return OpenAIError(500, f"Internal error while generating: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+    # The replica's exception itself: str() of Ray's wrapper is its whole traceback.
+    cause = getattr(e, "cause", None) or e
+    return OpenAIError(500, f"Internal error while generating: {type(cause).__name__}: {cause}", type="server_error", code="internal_error")
 
 
 def _no_replica_in_time(pool: Pool, timeout: float) -> OpenAIError:

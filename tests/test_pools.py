@@ -353,3 +353,16 @@ def test_gateway_fails_over_to_the_other_pool_when_a_pools_node_is_lost(multinod
         serve.delete(app, _blocking=False)
         if extra is not None:
             multinode.cluster.remove_node(extra)
+
+
+def test_an_unexpected_replica_error_is_a_500_without_rays_traceback():
+    """str() of Ray's wrapper of a replica's exception is the whole traceback (actor, pid, paths,
+    terminal colours); the body names only the exception."""
+    from ray.exceptions import RayTaskError
+
+    from cluster.dispatch import engine_error
+
+    wrapped = RayTaskError("stream", 'Traceback:\n  File "/srv/x.py"\n\x1b[36mray::Replica\x1b[39m boom', RuntimeError("boom"))
+    body = engine_error(wrapped.as_instanceof_cause(), "messages").body()
+    assert body == {"error": {"message": "Internal error while generating: RuntimeError: boom", "type": "server_error",
+                              "param": None, "code": "internal_error"}}

@@ -29,7 +29,7 @@ import uuid
 from typing import Any
 
 from cluster.dispatch import child_call
-from deployments.pools import Pool, PoolBalancer
+from deployments.pools import Pool, PoolBalancer, replica_counts
 
 PROBE_TIMEOUT_S = 2.0
 PROBE_ROUNDS = 3
@@ -50,14 +50,10 @@ async def _call(handle, method: str) -> Any:
     """One `method()` call under a fresh session id, bounded by PROBE_TIMEOUT_S."""
     response = child_call(getattr(handle.options(session_id=uuid.uuid4().hex), method))
     try:
-        return await asyncio.wait_for(_await(response), timeout=PROBE_TIMEOUT_S)
+        return await asyncio.wait_for(response, timeout=PROBE_TIMEOUT_S)
     except BaseException:
         response.cancel()
         raise
-
-
-async def _await(response):
-    return await response
 
 
 async def probe_replicas(handle, method: str, running: int | None) -> list[dict]:
@@ -137,28 +133,14 @@ class ClusterView:
         if not fut.cancelled() and fut.exception() is None:
             self._cached = (time.monotonic(), fut.result())
 
-    async def _agent_status(self) -> dict[str, Any]:
-        """Serve's status of the agent deployments (name -> DeploymentStatusOverview)."""
-        if self.pools.app_name is None or not self.agents:
-            return {}
-        from ray import serve
-
-        status = await asyncio.to_thread(serve.status)
-        app = status.applications.get(self.pools.app_name)
-        return dict(app.deployments) if app is not None else {}
-
     async def _pool(self, pool: Pool) -> dict:
         replicas = await probe_replicas(pool.handle, "stats", pool.running)
         return {**pool.state(), "engine_stats": engine_totals(replicas)}
 
     async def _agent(self, name: str, handle, status) -> dict:
-        from ray.serve._private.common import ReplicaState
-
         running = starting = None
         if status is not None:
-            states = status.replica_states
-            running = states.get(ReplicaState.RUNNING, 0)
-            starting = sum(n for s, n in states.items() if s in (ReplicaState.STARTING, ReplicaState.PENDING_MIGRATION))
+            running, starting = replica_counts(status)
         known = self._described.get(name)
         info, replicas = await asyncio.gather(
             _none() if known is not None or running == 0 else _call(handle, "describe"),
@@ -178,14 +160,13 @@ class ClusterView:
         }
 
     async def _assemble(self) -> dict:
-        if self.pools.app_name is not None:
-            await self.pools.refresh()
-        agent_status = await self._agent_status()
+        # One call to Serve's controller: the pools' counts, and the agents' statuses from the same answer.
+        deployments = await self.pools.refresh() if self.pools.app_name is not None else {}
         models = {
             model: asyncio.gather(*(self._pool(p) for p in pools)) for model, pools in self.pools.pools.items()
         }
         agents = asyncio.gather(
-            *(self._agent(name, h, agent_status.get(AGENT_DEPLOYMENT_PREFIX + name)) for name, h in self.agents.items())
+            *(self._agent(name, h, deployments.get(AGENT_DEPLOYMENT_PREFIX + name)) for name, h in self.agents.items())
         )
         pools_of = dict(zip(models, await asyncio.gather(*models.values())))
         from ray import __version__ as ray_version

@@ -125,25 +125,25 @@ class PoolBalancer:
                 logger.warning("pool status refresh failed: %s", e)
             await asyncio.sleep(REFRESH_INTERVAL_S)
 
-    async def refresh(self) -> None:
+    async def refresh(self) -> dict[str, Any]:
+        """Update every pool from Serve's controller; returns the application's deployment statuses
+        (name -> Serve's DeploymentStatusOverview), for callers that show other deployments too."""
         from ray import serve
-        from ray.serve._private.common import ReplicaState
 
         status = await asyncio.to_thread(serve.status)
         app = status.applications.get(self.app_name)
         if app is None:
-            return
+            return {}
         for pools in self.pools.values():
             for pool in pools:
                 d = app.deployments.get(pool.deployment)
                 if d is None:
                     continue
-                states = d.replica_states
-                pool.running = states.get(ReplicaState.RUNNING, 0)
-                pool.starting = sum(n for s, n in states.items() if s in (ReplicaState.STARTING, ReplicaState.PENDING_MIGRATION))
+                pool.running, pool.starting = replica_counts(d)
                 pool.status = str(getattr(d.status, "value", d.status))
                 pool.message = d.message
         self.refreshed_at = time.monotonic()
+        return dict(app.deployments)
 
     # -- picking ----------------------------------------------------------------------------------
 
@@ -179,3 +179,12 @@ class PoolBalancer:
 
     def state(self) -> dict[str, list[dict]]:
         return {model: [p.state() for p in pools] for model, pools in self.pools.items()}
+
+
+def replica_counts(deployment_status) -> tuple[int, int]:
+    """(running, starting) replicas of a deployment, from Serve's DeploymentStatusOverview."""
+    from ray.serve._private.common import ReplicaState
+
+    states = deployment_status.replica_states
+    starting = sum(n for s, n in states.items() if s in (ReplicaState.STARTING, ReplicaState.PENDING_MIGRATION))
+    return states.get(ReplicaState.RUNNING, 0), starting

@@ -46,12 +46,13 @@ def _serving_lines(plan, replicas_line: str) -> list[str]:
     return lines
 
 
-def _check(path: str) -> int:
+def _check(path: str) -> list | None:
+    """Validate and describe FILE; its (application, config) pairs, or None (said why) when invalid."""
     try:
         apps = load_serve_config(path)
     except ConfigError as e:
         print(f"{path}: {e}", file=sys.stderr)
-        return 1
+        return None
     print(f"{path}: OK")
     for app, cfg in apps:
         print(f"application {app.get('name', 'default')!r} at route {app.get('route_prefix', '/')!r}:")
@@ -71,7 +72,7 @@ def _check(path: str) -> int:
             else:
                 print(f"    per replica: {a.cpus:g} CPU; {describe_replicas(a.replicas)}")
             print(f"    limits: {a.max_calls} generation calls, {a.timeout_s:g} s per run")
-    return 0
+    return apps
 
 
 def _builtin_sources(apps) -> list[str]:
@@ -98,12 +99,11 @@ def _answers(health_url: str) -> bool:
         return False
 
 
-def _run(path: str, serve_args: list[str]) -> int:
+def _run(path: str, apps: list, serve_args: list[str]) -> int:
     serve = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
     if serve is None:
         print("`serve` (from ray[serve]) is not installed in this environment", file=sys.stderr)
         return 1
-    apps = load_serve_config(path)
     # Built here, in front of the user, rather than silently inside the first replica (the others wait
     # on its lock); replicas on this machine then find them in the cache.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -146,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--address", default=None, help="Ray cluster GCS address host:port (default: $RAY_ADDRESS, else 'auto')")
     args = parser.parse_args(argv)
     if args.command == "check":
-        return max(_check(f) for f in args.files)
+        return max(0 if _check(f) is not None else 1 for f in args.files)
     if args.command == "plan":
         return run_plan(args.file, args.address)
-    if _check(args.file) != 0:
+    apps = _check(args.file)
+    if apps is None:
         return 1
-    return _run(args.file, args.serve_args)
+    return _run(args.file, apps, args.serve_args)
 
 
 if __name__ == "__main__":

@@ -290,7 +290,7 @@ class Gateway:
         # would resolve against the parent: send the browser to "/prefix/" first.
         if not request.url.path.endswith("/"):
             return RedirectResponse(request.url.path + "/", status_code=307)
-        return FileResponse(CONSOLE_DIR / "index.html", media_type="text/html; charset=utf-8", headers=_NO_CACHE)
+        return await self.console_page()
 
     @app.get("/console", include_in_schema=False)
     async def console_page(self):

@@ -93,6 +93,8 @@ class BaseModelServer:
             raise ValueError("messages must contain at least one message")
         if self.tokenizer.chat_template is None:
             raise ValueError(f"model {self.model_name!r} has no chat template; use the completions API")
+        # Refuse what cannot fit before rendering megabytes through the template.
+        self.engine.check_prompt_chars(sum(len(m.get("content") or "") for m in messages if isinstance(m, dict)))
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _request(self, prompt, messages, prompt_token_ids, request_id, sampling: dict) -> GenerationRequest:
@@ -205,12 +207,11 @@ class BaseModelServer:
     async def prompt_logprobs(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None, start: int = 0) -> dict:
         """Log-probabilities of the prompt's own tokens from position `start` on, as SGLang's
         `input_token_logprobs`: [[logprob or None, token id, token text], ...]."""
-        if (prompt is None) == (prompt_token_ids is None):
-            raise ValueError("give exactly one of prompt or prompt_token_ids")
-        # Tokenized the way the engine tokenizes prompt text (the tokenizer's default specials).
-        ids = self.tokenizer(prompt)["input_ids"] if prompt is not None else list(prompt_token_ids)
+        # Tokenized and checked as the engine does a generation's prompt; the engine's prompt_logprobs
+        # checks that the sequence fits the context, so it runs even when no log-prob is asked for.
+        ids = await self.engine.prompt_ids(prompt, prompt_token_ids)
         start = len(ids) if start < 0 else min(start, len(ids))
-        logprobs = (await self.engine.prompt_logprobs([ids]))[0] if start < len(ids) else []
+        logprobs = (await self.engine.prompt_logprobs([ids]))[0]
         return {
             "prompt_tokens": len(ids),
             "input_token_logprobs": [

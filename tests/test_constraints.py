@@ -6,6 +6,7 @@ import json
 import math
 import re
 import threading
+import time
 import weakref
 
 import jsonschema
@@ -410,3 +411,31 @@ async def test_constrained_requests_survive_kv_cache_eviction(model_path, tokeni
             _assert_finished_match(tokenizer, deltas, text, ids, digits)
     finally:
         await eng.shutdown()
+
+
+async def test_a_grammar_that_compiles_too_slowly_is_refused_and_the_loop_stays_free(tokenizer):
+    # A thousand optional properties take xgrammar seconds (its time grows fast with them).
+    slow = json.dumps({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(1000)}})
+    constraints = GrammarConstraints(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    start = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        await constraints.compile_within(0.5, json_schema=slow)
+    elapsed = time.monotonic() - start
+    task.cancel()
+    assert str(info.value) == (
+        "the json_schema constraint did not compile within 0.5 s (engine_args.grammar_compile_timeout_s); "
+        "simplify it (e.g. fewer optional properties or enum values)"
+    )
+    assert 0.5 <= elapsed < 1.5, elapsed
+    assert ticks >= 25, ticks  # the event loop kept running while it compiled
+    # A simple grammar still compiles within its time.
+    assert await constraints.compile_within(5, regex="[0-9]+") is not None

@@ -27,6 +27,9 @@ class CharTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         return {"input_ids": ([BOS] if add_special_tokens else []) + [ord(c) for c in text]}
 
+    def get_vocab(self) -> dict:
+        return {chr(i): i for i in range(128)} | {"<longest>": 0}
+
 
 class FakeEngine(Engine):
     """Token t at any position has log-prob -t / 64 (exact in binary); `error` is what the health hook says."""
@@ -105,10 +108,10 @@ async def test_score_without_a_tokenizer_is_an_engine_error():
 # -- prompt -> ids, context fit, prompt_logprobs input ----------------------------------------
 
 
-def test_prompt_token_ids_and_their_messages():
+async def test_prompt_token_ids_and_their_messages():
     engine = FakeEngine()
-    assert engine._prompt_token_ids(request(prompt="hi")) == [BOS, 104, 105]
-    assert engine._prompt_token_ids(request(ids=[0, 5, 127])) == [0, 5, 127]
+    assert await engine._prompt_token_ids(request(prompt="hi")) == [BOS, 104, 105]
+    assert await engine._prompt_token_ids(request(ids=[0, 5, 127])) == [0, 5, 127]
     for bad, message in [
         (request(), "give exactly one of prompt and prompt_token_ids"),
         (request(prompt="hi", ids=[5]), "give exactly one of prompt and prompt_token_ids"),
@@ -119,9 +122,43 @@ def test_prompt_token_ids_and_their_messages():
         (request(ids=[]), "the prompt is empty"),
     ]:
         with pytest.raises(ValueError, match=f"^{message}$"):
-            engine._prompt_token_ids(bad)
+            await engine._prompt_token_ids(bad)
     with pytest.raises(EngineError, match="^the fake engine has no tokenizer for prompt text$"):
-        FakeEngine(tokenizer=None)._prompt_token_ids(request(prompt="hi"))
+        await FakeEngine(tokenizer=None)._prompt_token_ids(request(prompt="hi"))
+
+
+class CountingTokenizer(CharTokenizer):
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        self.calls += 1
+        return super().__call__(text, add_special_tokens)
+
+
+async def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing():
+    # The longest token ("<longest>") has 9 characters: 16 tokens hold at most 144 characters.
+    tokenizer = CountingTokenizer()
+    engine = FakeEngine(max_model_len=16, tokenizer=tokenizer)
+    with pytest.raises(PromptTooLongError) as info:
+        await engine._prompt_token_ids(request(prompt="a" * 145))
+    assert str(info.value) == (
+        "This model's maximum context length is 16 tokens, but the prompt has 145 characters, "
+        "more than 16 tokens of this model can hold."
+    )
+    assert tokenizer.calls == 0
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert (copy.prompt_tokens, copy.prompt_chars, str(copy)) == (None, 145, str(info.value))
+    # 144 characters may fit (they don't here: tokenized, they are 145 tokens, and _check_fits says so).
+    assert len(await engine._prompt_token_ids(request(prompt="a" * 144))) == 145
+    assert tokenizer.calls == 1
+    # Token ids: refused on their count before each id is checked.
+    with pytest.raises(PromptTooLongError, match="the prompt has 17 tokens"):
+        await engine._prompt_token_ids(request(ids=["not an id"] * 17))
+    # score() bounds prompt + its longest continuation the same way.
+    with pytest.raises(PromptTooLongError, match="the prompt has 150 characters"):
+        await engine.score("a" * 140, ["b", "c" * 10])
+    assert tokenizer.calls == 1
 
 
 def test_context_fit_names_both_numbers_and_crosses_processes():

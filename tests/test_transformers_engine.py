@@ -80,6 +80,10 @@ def test_top_k_and_top_p_restrict_the_support():
     assert top_p == {0, 1}
     only = {int(gumbel_sample_scores(logits[None], [_slot(top_p=0.5, seed=s)]).argmax()) for s in range(100)}
     assert only == {0}
+    # A top_p that is 0 in float32 (5e-324) still keeps the most likely token, here one a mask left.
+    masked = torch.tensor([-math.inf, 2.9, 0.0, -math.inf, -2.0])
+    tiny = {int(gumbel_sample_scores(masked[None], [_slot(top_p=5e-324, seed=s)]).argmax()) for s in range(50)}
+    assert tiny == {1}
 
 
 def test_noise_depends_only_on_seed_and_position():

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import os
 import re
+import asyncio
+import functools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
@@ -26,6 +29,8 @@ from deployments.engines.engine import JSON_OBJECT_SCHEMA, validate_constraint  
 
 # Memory bound of an engine's compiled-grammar cache (xgrammar evicts entries beyond it).
 _CACHE_LIMIT_BYTES = 128 << 20
+# Requests' grammars compiled at once per engine (more wait; see GrammarConstraints.compile_within).
+_COMPILE_THREADS = 2
 # xgrammar's C++ compile threads per compiler.
 _MAX_COMPILE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: " (and checks with "Check failed: ...:").
@@ -60,6 +65,7 @@ class GrammarConstraints:
         self.stop_token_ids = list(stop_token_ids)
         self._compiler: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=_COMPILE_THREADS, thread_name_prefix="grammar-compile")
 
     def compiler(self) -> xgr.GrammarCompiler:
         """Built on first use: the tokenizer scan takes a while for large vocabularies."""
@@ -91,6 +97,22 @@ class GrammarConstraints:
             return compiler.compile_json_schema(json_schema, any_whitespace=False)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"invalid json_schema: {_clean_error(e)}") from None
+
+    async def compile_within(self, timeout_s: float, *, regex: str | None = None, json_schema: str | None = None) -> xgr.CompiledGrammar | None:
+        """`compile` in one of the engine's compile threads (never on the event loop), refused with a
+        ValueError when it takes longer than `timeout_s`, waiting for a thread included: some schemas
+        take minutes (xgrammar's time grows fast with e.g. thousands of optional properties). The
+        compile itself cannot be interrupted; it finishes in the background (and is cached), holding
+        one of the `_COMPILE_THREADS`, so runaway grammars cost a bounded share of the CPU."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(self.compile, regex=regex, json_schema=json_schema))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except asyncio.TimeoutError:
+            what = "regex" if regex is not None else "json_schema"
+            raise ValueError(
+                f"the {what} constraint did not compile within {timeout_s:g} s (engine_args.grammar_compile_timeout_s); "
+                "simplify it (e.g. fewer optional properties or enum values)"
+            ) from None
 
     def mask(self, grammar: xgr.CompiledGrammar) -> GrammarMask:
         return GrammarMask(grammar, self.vocab_size, self.stop_token_ids)

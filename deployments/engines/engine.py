@@ -7,6 +7,7 @@ usage, error bodies) is rendered once, above them, in the gateway and the base-m
 from __future__ import annotations
 
 import abc
+import asyncio
 import json
 import math
 import threading
@@ -27,13 +28,21 @@ class EngineError(RuntimeError):
 
 
 class PromptTooLongError(ValueError):
-    """The prompt plus the requested tokens do not fit the model's context."""
+    """The prompt plus the requested tokens do not fit the model's context. `prompt_chars` (with
+    `prompt_tokens` None): a text prompt refused before tokenization, because it has more characters
+    than the context's tokens can hold."""
 
-    def __init__(self, prompt_tokens: int, max_model_len: int, max_tokens: int | None = None):
+    def __init__(self, prompt_tokens: int | None, max_model_len: int, max_tokens: int | None = None, prompt_chars: int | None = None):
         self.prompt_tokens = prompt_tokens
         self.max_model_len = max_model_len
         self.max_tokens = max_tokens
-        if max_tokens is None or prompt_tokens >= max_model_len:
+        self.prompt_chars = prompt_chars
+        if prompt_tokens is None:
+            msg = (
+                f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+                f"{prompt_chars} characters, more than {max_model_len} tokens of this model can hold."
+            )
+        elif max_tokens is None or prompt_tokens >= max_model_len:
             msg = (
                 f"This model's maximum context length is {max_model_len} tokens, "
                 f"but the prompt has {prompt_tokens} tokens."
@@ -48,7 +57,7 @@ class PromptTooLongError(ValueError):
 
     def __reduce__(self):
         # Crosses process boundaries (replica -> gateway) with its numbers intact.
-        return (type(self), (self.prompt_tokens, self.max_model_len, self.max_tokens))
+        return (type(self), (self.prompt_tokens, self.max_model_len, self.max_tokens, self.prompt_chars))
 
 
 @dataclass
@@ -232,6 +241,7 @@ class Engine(abc.ABC):
 
     _tokenizer: Any = None
     _vocab_size: int = 0
+    _longest_token: int | None = None
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -287,22 +297,46 @@ class Engine(abc.ABC):
 
     # -- request checks --------------------------------------------------------------------------
 
-    def _prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        """The request's prompt as token ids: exactly one of `prompt` (tokenized with the tokenizer's default
+    async def _prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        return await self.prompt_ids(request.prompt, request.prompt_token_ids)
+
+    async def prompt_ids(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
+        """A prompt as token ids: exactly one of `prompt` (tokenized with the tokenizer's default
         special tokens: the caller has already applied any chat template) and `prompt_token_ids` (ids in
-        [0, vocab)); never empty. Raises ValueError."""
-        if (request.prompt is None) == (request.prompt_token_ids is None):
+        [0, vocab)); never empty. Raises ValueError, PromptTooLongError for a prompt longer than the context.
+
+        A prompt can be megabytes (a request body may be): text longer than the context can hold in any
+        tokenization is refused before tokenizing (`check_prompt_chars`), and the tokenizer runs in a
+        worker thread, so a long prompt never holds the replica's event loop (its health checks)."""
+        if (prompt is None) == (prompt_token_ids is None):
             raise ValueError("give exactly one of prompt and prompt_token_ids")
-        if request.prompt is not None:
+        if prompt is not None:
             if self._tokenizer is None:
                 raise EngineError(f"the {self.name} engine has no tokenizer for prompt text")
-            ids = list(self._tokenizer(request.prompt)["input_ids"])
+            self.check_prompt_chars(len(prompt))
+            ids = list((await asyncio.to_thread(self._tokenizer, prompt))["input_ids"])
         else:
-            ids = list(request.prompt_token_ids)
+            ids = prompt_token_ids
+            if len(ids) > self.max_model_len:
+                raise PromptTooLongError(len(ids), self.max_model_len)
+            ids = list(ids)
             self._check_token_ids(ids, "prompt_token_ids")
         if not ids:
             raise ValueError("the prompt is empty")
         return ids
+
+    def check_prompt_chars(self, chars: int) -> None:
+        """Raise PromptTooLongError when `chars` characters of text cannot fit the context however they
+        tokenize: more than `max_model_len` times the longest token's characters. Costs nothing."""
+        if chars > self.max_model_len * self._max_token_chars():
+            raise PromptTooLongError(None, self.max_model_len, prompt_chars=chars)
+
+    def _max_token_chars(self) -> int:
+        """Characters in the vocabulary's longest token (its stored form: one char per byte in
+        byte-level BPE, so never fewer than the text it stands for), computed once."""
+        if self._longest_token is None:
+            self._longest_token = max((len(t) for t in self._tokenizer.get_vocab()), default=1)
+        return self._longest_token
 
     def _check_token_ids(self, ids: Sequence[Any], what: str) -> None:
         vocab = self._vocab_size
@@ -340,7 +374,8 @@ class Engine(abc.ABC):
             return []
         if self._tokenizer is None:
             raise EngineError(f"the {self.name} engine has no tokenizer to score text")
-        sequences = continuation_sequences(self._tokenizer, prompt, list(continuations))
+        self.check_prompt_chars(len(prompt) + max(len(c) for c in continuations))
+        sequences = await asyncio.to_thread(continuation_sequences, self._tokenizer, prompt, list(continuations))
         for full_ids, _ in sequences:
             self._check_fits(len(full_ids))
         logprobs = await self.prompt_logprobs([ids for ids, _ in sequences])

@@ -138,7 +138,7 @@ class _LMDeployEngine(Engine):
         engine = self._engine
         sp = request.sampling
         gen_config = generation_config(sp, self._vocab_size)
-        prompt_ids = self._prompt_token_ids(request)
+        prompt_ids = await self._prompt_token_ids(request)
         self._check_fits(len(prompt_ids), sp.max_tokens)
 
         session = _new_session(engine)

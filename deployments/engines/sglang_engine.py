@@ -305,7 +305,7 @@ class SGLangEngine(Engine):
                 "a request sent a seed: SGLang applies it only with engine_args.enable_deterministic_inference: true, "
                 "so sampled answers are not reproducible on this replica"
             )
-        ids = self._prompt_token_ids(request)
+        ids = await self._prompt_token_ids(request)
         self._check_fits(len(ids), sp.max_tokens)
 
         # SGLang request ids must be unique among live requests; callers' ids need not be.

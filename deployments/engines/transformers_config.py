@@ -20,6 +20,8 @@ ENGINE_ARG_DEFAULTS: dict[str, Any] = {
     # torch intra-op threads (None: leave torch's setting, which Ray derives from the replica's CPUs).
     # Small models decode faster on 1 thread, and much faster when other processes share the cores.
     "num_threads": None,
+    # A request whose regex / JSON schema takes longer to compile is refused (400).
+    "grammar_compile_timeout_s": 10.0,
 }
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 _POSITIVE_INT_ARGS = ("max_model_len", "max_num_seqs", "max_batch_tokens", "block_size", "num_blocks", "num_threads")
@@ -43,6 +45,9 @@ def check_engine_args(engine_args: dict, device_count: int = 1, hf_config: dict 
             raise ValueError(f"engine_args.{key} must be a positive integer, got {value!r}")
     if resolved["dtype"] not in DTYPES:
         raise ValueError(f"engine_args.dtype must be one of {sorted(DTYPES)}, got {resolved['dtype']!r}")
+    timeout = resolved["grammar_compile_timeout_s"]
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        raise ValueError(f"engine_args.grammar_compile_timeout_s must be a number > 0, got {timeout!r}")
     if not isinstance(resolved["enable_prefix_caching"], bool):
         raise ValueError("engine_args.enable_prefix_caching must be a boolean")
 

@@ -162,7 +162,7 @@ class TransformersEngine(Engine):
         manager = self._manager
         sp = request.sampling
         validate_sampling(sp, self._vocab_size)
-        prompt_ids = self._prompt_token_ids(request)
+        prompt_ids = await self._prompt_token_ids(request)
         self._check_fits(len(prompt_ids), sp.max_tokens)
 
         # Compiled (or a bad regex / schema rejected) before the request reaches the decode loop.
@@ -247,7 +247,7 @@ class TransformersEngine(Engine):
         if sp.regex is None and sp.json_schema is None:
             return None
         constraints = self._constraints
-        grammar = await asyncio.to_thread(constraints.compile, regex=sp.regex, json_schema=sp.json_schema)
+        grammar = await constraints.compile_within(self._args["grammar_compile_timeout_s"], regex=sp.regex, json_schema=sp.json_schema)
         return constraints.mask(grammar)
 
     async def _next_output(self, outputs: asyncio.Queue[GenerationOutput]) -> GenerationOutput:

@@ -135,6 +135,8 @@ def gumbel_sample_scores(logits: torch.Tensor, slots: list[RequestSlot]) -> torc
         probs = sorted_x.softmax(dim=-1)
         # Drop a token once the mass before it already reaches top_p; the most likely token always stays.
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        # Explicitly so: a top_p that rounds to 0 in the logits' dtype would otherwise drop every token.
+        drop_sorted[:, 0] = False
         x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), -math.inf)
     noise = torch.stack([_gumbel_noise(vocab, s.seed, s.position) for s in slots])
     return x + noise.to(device)

@@ -5,7 +5,8 @@
 
 Handle methods:
 
-- `describe()` -> {"name", "program", "doc", "arguments": [names], "required": [names]}
+- `describe()` -> {"name", "program", "doc", "arguments": [names], "required": [names], "schema"}
+  (`schema`: JSON schema of the arguments object, from the program's annotations and defaults)
 - `stats()` -> this replica's runs since it started: {"replica", "runs", "errors", "run_seconds"}
   (`run_seconds`: wall-clock times of its last `RunStats.KEEP` successful runs, for percentiles)
 - `run(arguments)` -> {"answer", "variables", "session_id", "calls"}
@@ -14,7 +15,8 @@ Handle methods:
   "calls"}; call it with `handle.options(stream=True)`.
 
 Only the program registered at construction can run: clients send argument *values* (JSON data),
-checked against the program's signature; nothing they send is imported or executed. Each run gets
+checked against the program's signature (names, and types from annotations or defaults: a bad
+one is an `AgentArgumentError` naming it); nothing they send is imported or executed. Each run gets
 its own `HandleBackend` (one Serve session id, so a consistent-hash router keeps the run on one
 base-model replica; its own call budget and deadline). Programs run off the event loop, in threads
 (SGLang's interpreter is synchronous and threaded). A failing program raises `AgentProgramError`
@@ -31,9 +33,12 @@ import logging
 import re
 import threading
 import time
+import typing
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
+
+from pydantic import TypeAdapter, ValidationError
 
 from ray import serve
 from sglang.lang.ir import SglFunction
@@ -42,7 +47,7 @@ from deployments import metrics
 from deployments.pools import PoolBalancer
 from deployments.replica import in_replica
 from deployments.agents.backend import HandleBackend, ModelContext
-from deployments.agents.errors import AgentLimitError, AgentProgramError, RunCancelledError
+from deployments.agents.errors import AgentArgumentError, AgentLimitError, AgentProgramError, RunCancelledError
 from deployments.base_model import BaseModelServer
 from deployments.local_handle import LocalModelHandle
 
@@ -98,6 +103,24 @@ def program_arguments(program: SglFunction, path: str = "program") -> tuple[list
     return names, required
 
 
+def argument_types(program: SglFunction, names: list[str]) -> dict[str, TypeAdapter | None]:
+    """Each argument's type as a pydantic adapter: its annotation, else the type of its default when
+    that is a str / int / float / bool; None (any JSON value) for an unannotated argument without
+    such a default. Runs check their arguments against these (strictly: "3" is not an int)."""
+    try:
+        hints = typing.get_type_hints(program.func)
+    except Exception as e:  # noqa: BLE001 - any unresolvable annotation
+        raise TypeError(f"program {program.func.__module__}:{program.func.__name__}: cannot resolve its annotations: {e}") from None
+    params = inspect.signature(program.func).parameters
+    types: dict[str, TypeAdapter | None] = {}
+    for name in names:
+        hint = hints.get(name)
+        if hint is None and type(params[name].default) in (str, int, float, bool):
+            hint = type(params[name].default)
+        types[name] = None if hint is None else TypeAdapter(hint)
+    return types
+
+
 def _check_json(value: Any, where: str, depth: int = 0) -> None:
     if depth > 32:
         raise ValueError(f"{where}: nested too deeply")
@@ -114,6 +137,10 @@ def _check_json(value: Any, where: str, depth: int = 0) -> None:
             _check_json(v, f"{where}.{k}", depth + 1)
         return
     raise ValueError(f"{where}: only JSON values (str, number, bool, null, list, object) are accepted, got {type(value).__name__}")
+
+
+def _type_name(adapter: TypeAdapter) -> str:
+    return str(adapter.json_schema().get("type", "a value of the declared type"))
 
 
 def _jsonable(value: Any) -> Any:
@@ -270,6 +297,7 @@ class AgentServer:
         if self.program.num_api_spec_tokens is not None:
             raise ValueError(f"program {program}: API speculative execution (num_api_spec_tokens) is not supported")
         self.arguments, self.required = program_arguments(self.program, program)
+        self.argument_types = argument_types(self.program, self.arguments)
         if not isinstance(max_calls, int) or isinstance(max_calls, bool) or max_calls < 1:
             raise ValueError(f"max_calls must be an integer >= 1, got {max_calls!r}")
         if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
@@ -303,16 +331,34 @@ class AgentServer:
         if arguments is None:
             arguments = {}
         if not isinstance(arguments, dict):
-            raise ValueError(f"agent {self.name!r}: arguments must be an object, got {type(arguments).__name__}; {expected}")
+            raise AgentArgumentError(f"agent {self.name!r}: arguments must be an object, got {type(arguments).__name__}; {expected}")
         unexpected = sorted(str(k) for k in arguments if k not in self.arguments)
         if unexpected:
-            raise ValueError(f"agent {self.name!r}: unexpected argument(s) {unexpected}; {expected}")
+            raise AgentArgumentError(f"agent {self.name!r}: unexpected argument(s) {unexpected}; {expected}", unexpected[0])
         missing = [n for n in self.required if n not in arguments]
         if missing:
-            raise ValueError(f"agent {self.name!r}: missing required argument(s) {missing}; {expected}")
+            raise AgentArgumentError(f"agent {self.name!r}: missing required argument(s) {missing}; {expected}", missing[0])
+        checked = {}
         for k, v in arguments.items():
-            _check_json(v, f"agent {self.name!r}: argument {k!r}")
-        return dict(arguments)
+            try:
+                _check_json(v, f"agent {self.name!r}: argument {k!r}")
+            except ValueError as e:
+                raise AgentArgumentError(str(e), k) from None
+            adapter = self.argument_types[k]
+            if adapter is None:
+                checked[k] = v
+                continue
+            try:
+                checked[k] = adapter.validate_python(v, strict=True)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = "".join(f"[{p!r}]" for p in err["loc"])
+                raise AgentArgumentError(
+                    f"agent {self.name!r}: argument {k!r}{where}: {err['msg']} "
+                    f"(expected {_type_name(adapter)}, got {type(v).__name__})",
+                    k,
+                ) from None
+        return checked
 
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -350,6 +396,13 @@ class AgentServer:
             "doc": inspect.cleandoc(self.program.func.__doc__ or ""),
             "arguments": list(self.arguments),
             "required": list(self.required),
+            # JSON schema of the arguments object ({} for an argument of any JSON value).
+            "schema": {
+                "type": "object",
+                "properties": {n: (a.json_schema() if a else {}) for n, a in self.argument_types.items()},
+                "required": list(self.required),
+                "additionalProperties": False,
+            },
         }
 
     async def stats(self) -> dict:

@@ -116,6 +116,20 @@ def test_agent_errors(tandem_app, client):
     assert r.status_code == 400 and "bogus" in r.json()["error"]["message"]
     r = _post(f"{tandem_app}/v1/agents/self_consistency", {"question": "x", "stream": True, "bogus": 1})
     assert r.status_code == 400
+    # Argument types come from the program's annotations and defaults; a wrong one is the client's
+    # error, named, in clean text (not the replica's traceback), streamed or not.
+    for stream in (False, True):
+        r = _post(f"{tandem_app}/v1/agents/safe_response", {"question": {"nested": [1]}, "stream": stream})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == {
+            "message": "agent 'safe_response': argument 'question': Input should be a valid string (expected string, got dict)",
+            "type": "invalid_request_error",
+            "param": "question",
+            "code": "invalid_agent_argument",
+        }
+    r = _post(f"{tandem_app}/v1/agents/self_consistency", {"question": "x", "num_drafts": "3"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "num_drafts"
+    assert "expected integer, got str" in r.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="agent:nope", messages=[{"role": "user", "content": "x"}])
 

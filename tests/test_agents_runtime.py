@@ -347,6 +347,13 @@ def test_describe(agents):
     assert info["arguments"] == ["question", "num_drafts", "max_tokens", "draft_temperature"]
     assert info["required"] == ["question"]
     assert "fork" in info["doc"]
+    # Types: `question: str` is annotated, the others follow their defaults.
+    assert info["schema"]["properties"] == {
+        "question": {"type": "string"},
+        "num_drafts": {"type": "integer"},
+        "max_tokens": {"type": "integer"},
+        "draft_temperature": {"type": "number"},
+    }
 
 
 def test_multi_step_reasoning(agents):

@@ -35,6 +35,19 @@ class UnsupportedFeatureError(ValueError):
         return (type(self), (self.feature, self.detail))
 
 
+class AgentArgumentError(ValueError):
+    """A run's arguments do not fit the program's signature: `argument` names the one at fault
+    (None when the arguments as a whole are wrong, e.g. not an object)."""
+
+    def __init__(self, message: str, argument: str | None = None):
+        self.message = message
+        self.argument = argument
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.argument))
+
+
 class AgentProgramError(Exception):
     """The agent's program raised (or one of its model calls failed)."""
 

@@ -1,7 +1,7 @@
 """Built-in SGLang agent programs.
 
 Each is an `@sgl.function` that an agent deployment (`deployments/agent.py`) can host, e.g.
-`program: deployments.programs:self_consistency` in a Tandem config. Every program takes `question`
+`program: deployments.programs:self_consistency` in a Tandem config. Every program takes `question` (a string)
 plus optional tuning arguments and sets a final variable named `answer`. Their `gen` / `select`
 calls go to the agent's base model through `deployments.agents.backend.HandleBackend`.
 
@@ -20,7 +20,7 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 @sgl.function
-def multi_step_reasoning(s, question, max_tokens=64, review_tokens=48, draft_temperature=0.0):
+def multi_step_reasoning(s, question: str, max_tokens=64, review_tokens=48, draft_temperature=0.0):
     """Answers in three steps: draft an answer, review the draft for mistakes, then write a revised
     final answer that takes the review into account.
 
@@ -36,7 +36,7 @@ def multi_step_reasoning(s, question, max_tokens=64, review_tokens=48, draft_tem
 
 
 @sgl.function
-def safe_response(s, question, max_tokens=64, safe_label="safe", unsafe_label="unsafe"):
+def safe_response(s, question: str, max_tokens=64, safe_label="safe", unsafe_label="unsafe"):
     """Answers the question, then checks the answer with a `select` between `safe_label` and
     `unsafe_label` ("safe" / "unsafe"; other labels suit other languages). Only when the check picks
     `unsafe_label` does it ask the model for a corrected answer; otherwise the first answer is kept
@@ -63,7 +63,7 @@ def safe_response(s, question, max_tokens=64, safe_label="safe", unsafe_label="u
 
 
 @sgl.function
-def self_consistency(s, question, num_drafts=3, max_tokens=48, draft_temperature=0.7):
+def self_consistency(s, question: str, num_drafts=3, max_tokens=48, draft_temperature=0.7):
     """Samples `num_drafts` independent answers in parallel (`fork`), then lists the distinct ones
     and lets the model `select` the answer the drafts agree on most.
 

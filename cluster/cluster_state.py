@@ -30,6 +30,7 @@ from typing import Any
 
 from cluster.dispatch import child_call
 from deployments.pools import Pool, PoolBalancer, replica_counts
+from deployments.replica import cancel_call
 
 PROBE_TIMEOUT_S = 2.0
 PROBE_ROUNDS = 3
@@ -52,7 +53,7 @@ async def _call(handle, method: str) -> Any:
     try:
         return await asyncio.wait_for(response, timeout=PROBE_TIMEOUT_S)
     except BaseException:
-        response.cancel()
+        cancel_call(response)
         raise
 
 

@@ -43,6 +43,7 @@ from sglang.lang.chat_template import ChatTemplate
 from deployments.agents import wire
 from deployments.agents.chat_template import ChatTemplateError, DerivedChatTemplate, derive_chat_template, render_with_template, unavailable_chat_template
 from deployments.agents.errors import AgentLimitError, UnsupportedFeatureError
+from deployments.replica import cancel_call
 from sglang.lang.choices import (
     ChoicesDecision,
     ChoicesSamplingMethod,
@@ -198,7 +199,7 @@ class HandleBackend(BaseBackend):
         try:
             return response.result(timeout_s=None if remaining is None else max(remaining, 0.001))
         except TimeoutError:
-            response.cancel()
+            cancel_call(response)
             raise self._timeout_error(what) from None
 
     # -- BaseBackend ------------------------------------------------------------------------------------
@@ -341,7 +342,7 @@ class HandleBackend(BaseBackend):
                 if timer is not None:
                     timer.cancel()
                 if not finished:
-                    stream.cancel()
+                    cancel_call(stream)
         except BaseException as e:
             if not isinstance(e, GeneratorExit):
                 self._record(e)

@@ -7,9 +7,10 @@ sampling parameters and deltas.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,9 +23,19 @@ MAX_N = 16
 class OpenAIError(Exception):
     """An error answered in the OpenAI error shape."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None,
+        retry_after_s: float | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str] | None:
+        """`Retry-After` (whole seconds, at least 1) for an error worth retrying later: 429 and 503s."""
+        if self.retry_after_s is None:
+            return None
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -128,10 +139,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatMessage(BaseModel):
+class TextContentPart(BaseModel):
+    """The one content part the models take: text."""
+
     model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+def _content_is_required(schema: dict[str, Any]) -> None:
+    # The model keeps `content` optional so that its own validator answers a missing one with
+    # OpenAI's message; the published schema says what the gateway accepts: content, never null.
+    content = schema["properties"]["content"]
+    content["anyOf"] = [s for s in content["anyOf"] if s.get("type") != "null"]
+    content.pop("default", None)
+    schema["required"] = [*schema.get("required", []), "content"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_content_is_required)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict] | None = None
+    # A list's parts are checked first by ChatCompletionRequest._check_content (OpenAI's messages).
+    content: str | Annotated[list[TextContentPart], Field(min_length=1)] | None = None
     name: str | None = None
 
     @model_validator(mode="after")
@@ -143,22 +172,96 @@ class ChatMessage(BaseModel):
         return self
 
     def text(self) -> str:
-        """Content as plain text; only text parts are supported."""
+        """Content as plain text (the parts joined)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise OpenAIError(400, f"unsupported content part type {part.get('type')!r}; only 'text' parts are supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
+
+
+# OpenAI's content part types; the models here are text-only, so only "text" is served.
+CONTENT_PART_TYPES = ("text", "image_url", "input_audio", "file", "refusal", "audio")
+
+
+def _json_type(value: Any) -> str:
+    """A JSON value's type as OpenAI's messages name it ("an integer", "an object", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _content_error(messages: list, model: Any) -> OpenAIError | None:
+    """The first problem with the messages' content, as OpenAI answers it (param `messages[i].content...`);
+    None when every content is a string, null/missing (answered by ChatMessage), or text parts."""
+    takes = f"The model '{model}'" if isinstance(model, str) else "This model"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("content") is None:
+            continue
+        content = message["content"]
+        where = f"messages[{i}].content"
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            return OpenAIError(
+                400, f"Invalid type for '{where}': expected a string or an array of content parts, but got {_json_type(content)} instead.",
+                param=where, code="invalid_type",
+            )
+        if not content:
+            return OpenAIError(
+                400, f"Invalid '{where}': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+                param=where, code="empty_array",
+            )
+        for j, part in enumerate(content):
+            at = f"{where}[{j}]"
+            if not isinstance(part, dict):
+                return OpenAIError(400, f"Invalid type for '{at}': expected an object, but got {_json_type(part)} instead.", param=at, code="invalid_type")
+            kind = part.get("type")
+            if "type" not in part:
+                return OpenAIError(400, f"Missing required parameter: '{at}.type'.", param=f"{at}.type", code="missing_required_parameter")
+            if not isinstance(kind, str):
+                return OpenAIError(400, f"Invalid type for '{at}.type': expected a string, but got {_json_type(kind)} instead.", param=f"{at}.type", code="invalid_type")
+            if kind not in CONTENT_PART_TYPES:
+                supported = ", ".join(f"'{t}'" for t in CONTENT_PART_TYPES)
+                return OpenAIError(400, f"Invalid value: '{kind}'. Supported values are: {supported}.", param=f"{at}.type", code="invalid_value")
+            if kind != "text":
+                return OpenAIError(
+                    400, f"{takes} takes text only, and '{at}' is a content part of type '{kind}'. Send the content "
+                    "as a string or as text parts ({\"type\": \"text\", \"text\": \"...\"}).",
+                    param=at, code="unsupported_content",
+                )
+            if "text" not in part:
+                return OpenAIError(400, f"Missing required parameter: '{at}.text'.", param=f"{at}.text", code="missing_required_parameter")
+            if not isinstance(part["text"], str):
+                return OpenAIError(400, f"Invalid type for '{at}.text': expected a string, but got {_json_type(part['text'])} instead.", param=f"{at}.text", code="invalid_type")
+    return None
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_content(cls, data: Any) -> Any:
+        # Content OpenAI would refuse, or that these text-only models cannot take, is a 400 naming
+        # it as OpenAI does (`messages[1].content[0].type`): raised here, at validation, as the
+        # OpenAIError itself (pydantic lets exceptions other than ValueError through).
+        if isinstance(data, dict) and isinstance(data.get("messages"), list):
+            error = _content_error(data["messages"], data.get("model"))
+            if error is not None:
+                raise error
+        return data
 
     @model_validator(mode="after")
     def _one_max(self):

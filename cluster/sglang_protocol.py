@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from cluster.openai_protocol import OpenAIError
 from deployments.agents import wire
@@ -37,17 +37,75 @@ class _SamplingParamsBase(BaseModel):
             raise OpenAIError(400, str(e), param=f"sampling_params.{e.param}") from None
 
 
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_STRINGS = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
+_FLAG = {"type": ["boolean", "null"]}
+_SERVED_AS_DEFAULT = (
+    "Tandem serves the default only (another value is a 400 naming it)."
+)
+
+# What each parameter's values may be (published in the gateway's OpenAPI schema): the types and
+# ranges of SGLang's `SamplingParams.verify()`, which `wire.normalize` applies. The model itself
+# takes any value and leaves the checks to `wire` (one set of checks for /generate and the agents).
+SAMPLING_SCHEMAS: dict[str, dict[str, Any]] = {
+    "max_new_tokens": {"type": "integer", "minimum": 0, "description": "0: prefill only (prompt logprobs)."},
+    "stop": {"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": wire.MAX_STOP_COUNT},
+        {"type": "null"},
+    ]},
+    "stop_token_ids": _nullable({"type": "array", "items": {"type": ["integer", "null"], "minimum": 0}}),
+    "stop_regex": {**_STRINGS, "description": _SERVED_AS_DEFAULT},
+    "temperature": _nullable({"type": "number", "minimum": 0}),
+    "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+    "top_k": {"anyOf": [{"const": -1}, {"type": "integer", "minimum": 1}, {"type": "null"}], "description": "-1: off."},
+    "min_p": {**_nullable({"type": "number", "minimum": 0, "maximum": 1}), "description": _SERVED_AS_DEFAULT},
+    "frequency_penalty": {**_nullable({"type": "number", "minimum": -2, "maximum": 2}), "description": _SERVED_AS_DEFAULT},
+    "presence_penalty": {**_nullable({"type": "number", "minimum": -2, "maximum": 2}), "description": _SERVED_AS_DEFAULT},
+    "repetition_penalty": {**_nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 2}), "description": _SERVED_AS_DEFAULT},
+    "min_new_tokens": {**_nullable({"type": "integer", "minimum": 0}), "description": _SERVED_AS_DEFAULT},
+    "n": {**_nullable({"type": "integer"}), "description": _SERVED_AS_DEFAULT},
+    "beam_width": {**_nullable({"type": "integer", "minimum": 1}), "description": _SERVED_AS_DEFAULT},
+    "json_schema": {"type": ["string", "null"], "description": "A JSON schema as a JSON string; at most one of json_schema and regex."},
+    "regex": {"type": ["string", "null"]},
+    "ebnf": {"description": _SERVED_AS_DEFAULT},
+    "structural_tag": {"description": _SERVED_AS_DEFAULT},
+    "ignore_eos": _FLAG,
+    "skip_special_tokens": {**_FLAG, "description": _SERVED_AS_DEFAULT},
+    "spaces_between_special_tokens": {**_FLAG, "description": _SERVED_AS_DEFAULT},
+    "no_stop_trim": {**_FLAG, "description": _SERVED_AS_DEFAULT},
+    "stream_interval": {**_nullable({"type": "integer"}), "description": _SERVED_AS_DEFAULT},
+    "logit_bias": {**_nullable({"type": "object"}), "description": _SERVED_AS_DEFAULT},
+    "sampling_seed": _nullable({"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}),
+    "custom_params": {**_nullable({"type": "object"}), "description": _SERVED_AS_DEFAULT},
+    "watermark": {"description": _SERVED_AS_DEFAULT},
+}
+assert set(SAMPLING_SCHEMAS) == set(wire.SAMPLING_DEFAULTS)
+
 # The fields and defaults are SGLang's server's (deployments/agents/wire.py, shared with the agents'
 # HandleBackend); the wire module checks the values.
 SGLangSamplingParams = create_model(
     "SGLangSamplingParams",
     __base__=_SamplingParamsBase,
-    **{name: (Any, default) for name, default in wire.SAMPLING_DEFAULTS.items()},
+    **{
+        name: (Any, Field(default, json_schema_extra=SAMPLING_SCHEMAS[name]))
+        for name, default in wire.SAMPLING_DEFAULTS.items()
+    },
 )
 
 
+def _one_input_schema(schema: dict[str, Any]) -> None:
+    # Exactly one of text / input_ids, given and not null (GenerateRequest._one_input).
+    schema["oneOf"] = [
+        {"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in ("text", "input_ids")
+    ]
+
+
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_input_schema)
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
@@ -63,6 +121,16 @@ class GenerateRequest(BaseModel):
     def _one_input(self):
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("give exactly one of text or input_ids")
+        return self
+
+    @model_validator(mode="after")
+    def _one_rid_per_prompt(self):
+        # SGLang's server: a list of rids goes with a batch, one per prompt.
+        if isinstance(self.rid, list):
+            if not self.is_batch:
+                raise ValueError("rid must be a string (or null) for a single prompt; a list of rids is for a batch")
+            if len(self.rid) != len(self.prompts()):
+                raise ValueError(f"rid has {len(self.rid)} ids for {len(self.prompts())} prompts: give one per prompt")
         return self
 
     @property

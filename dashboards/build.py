@@ -318,6 +318,33 @@ ROWS = [
             stack=True,
         ),
     ]),
+    Row(600, "Tenants", [
+        Panel(
+            18, "Requests / s by tenant",
+            "Requests with a valid API key, by tenant (keys from api_keys_env: default) and status: ok, error, "
+            "forbidden (a model or agent the key may not use, or an admin route), limited (over a rate limit: 429).",
+            "reqps",
+            [
+                Target(
+                    'sum(rate(ray_tandem_tenant_requests_total{ray_io_cluster=~"$Cluster"}[5m])) by (tenant, status)',
+                    "{{tenant}} {{status}}",
+                ),
+            ],
+            stack=True,
+        ),
+        Panel(
+            19, "Tokens / s by tenant",
+            "Prompt and completion tokens of each tenant's requests (what tokens_per_minute limits).",
+            "short",
+            [
+                Target(
+                    'sum(rate(ray_tandem_tenant_tokens_total{ray_io_cluster=~"$Cluster"}[5m])) by (tenant, kind)',
+                    "{{tenant}} {{kind}}",
+                ),
+            ],
+            stack=True,
+        ),
+    ]),
 ]
 
 

@@ -43,6 +43,14 @@ starts, or fails before that):
 | tandem_http_requests_total | counter | route, method, status | every request |
 | tandem_http_errors_total | counter | route, status | requests answered with status >= 400 (499: the client went away first) |
 
+Gateway, per tenant (`cluster/tenants.py`: the tenant a request's API key belongs to, by name, never
+the key; keys from `api_keys_env` are the tenant `default`):
+
+| name | kind | tags | what |
+|---|---|---|---|
+| tandem_tenant_requests_total | counter | tenant, status | requests with a valid key; status ok, forbidden (a model or agent it may not use: 404; an admin route: 403), limited (a rate limit: 429), error |
+| tandem_tenant_tokens_total | counter | tenant, kind | tokens of the tenant's requests; kind prompt or completion |
+
 Replica counts are Serve's own, tagged with the deployment name (`BaseModel-<model>` or
 `BaseModel-<model>-<pool>`, `Agent-<agent>`, see `cluster.resolve.PoolPlan.deployment_name`) and
 `application`: `ray_serve_deployment_replica_healthy` (healthy replicas),
@@ -93,6 +101,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "tandem_agent_run_seconds": ("histogram", "Wall-clock seconds per agent run.", ("agent", "status"), _RUN_S),
     "tandem_http_requests_total": ("counter", "HTTP requests by route, method and status.", ("route", "method", "status"), None),
     "tandem_http_errors_total": ("counter", "HTTP requests answered with status >= 400.", ("route", "status"), None),
+    "tandem_tenant_requests_total": ("counter", "Requests with a valid API key, by tenant and status (ok, forbidden, limited, error).", ("tenant", "status"), None),
+    "tandem_tenant_tokens_total": ("counter", "Prompt and completion tokens by tenant.", ("tenant", "kind"), None),
 }
 
 # This process's metric objects by name, created on first use (tests swap in stand-ins).
@@ -307,3 +317,14 @@ def record_http(route: str, method: str, status: int) -> None:
     _record("tandem_http_requests_total", "inc", 1, {"route": route, "method": method, "status": str(status)})
     if status >= 400:
         _record("tandem_http_errors_total", "inc", 1, {"route": route, "status": str(status)})
+
+
+def record_tenant_request(tenant: str, status: str) -> None:
+    """One request of a tenant (the gateway calls it): status ok, forbidden, limited or error."""
+    _record("tandem_tenant_requests_total", "inc", 1, {"tenant": str(tenant), "status": status})
+
+
+def record_tenant_tokens(tenant: str, prompt: int, completion: int) -> None:
+    """The tokens of one finished request of a tenant (zero counts are not recorded)."""
+    _record("tandem_tenant_tokens_total", "inc", prompt, {"tenant": str(tenant), "kind": "prompt"})
+    _record("tandem_tenant_tokens_total", "inc", completion, {"tenant": str(tenant), "kind": "completion"})

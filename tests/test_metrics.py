@@ -29,7 +29,7 @@ def test_every_metric_is_tandem_prefixed_with_known_tags():
     for name, (kind, description, tag_keys, boundaries) in metrics.METRICS.items():
         assert name.startswith(metrics.PREFIX) and description
         assert kind in ("counter", "gauge", "histogram") and (boundaries is not None) == (kind == "histogram")
-        assert set(tag_keys) <= {"model", "pool", "replica", "status", "error", "agent", "route", "method"}
+        assert set(tag_keys) <= {"model", "pool", "replica", "status", "error", "agent", "route", "method", "tenant", "kind"}
         if kind == "counter":
             assert name.endswith("_total")
 

@@ -132,6 +132,8 @@ def deployment_scaling_options(replicas: ReplicaSpec) -> dict[str, Any]:
         "max_ongoing_requests": replicas.max_ongoing_requests,
         "graceful_shutdown_timeout_s": replicas.drain_timeout_s,
         "graceful_shutdown_wait_loop_s": DRAIN_POLL_S,
+        # Bounded per caller: beyond it Serve refuses at once (BackPressureError, a 503 with Retry-After).
+        "max_queued_requests": -1 if replicas.max_queued_requests is None else replicas.max_queued_requests,
     }
     if replicas.min == replicas.max:
         options["num_replicas"] = replicas.min

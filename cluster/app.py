@@ -8,6 +8,7 @@ counts and autoscaling from `autoscale/`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
@@ -17,6 +18,7 @@ from autoscale.policy import deployment_scaling_options
 from cluster.config import AgentSpec, ReplicaSpec, TandemConfig
 from cluster.resolve import PoolPlan, ServingPlan, agent_own_model, model_pools, parse_args
 from cluster.gateway import Gateway
+from cluster.tenants import TenantLimiter
 from deployments.agent import AgentDeployment
 from deployments.base_model import BaseModelDeployment
 from placement.resources import replica_options
@@ -89,6 +91,8 @@ def gateway_deployment_options(cfg: TandemConfig) -> dict[str, Any]:
         "num_replicas": cfg.gateway.replicas,
         "max_ongoing_requests": cfg.gateway.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": cfg.gateway.cpus},
+        # serve deploy replaces gateway replicas when the app changes: in-flight streams finish first.
+        "graceful_shutdown_timeout_s": cfg.gateway.drain_timeout_s,
     }
 
 
@@ -121,12 +125,21 @@ def build(cfg: TandemConfig) -> Application:
             )
             for a in cfg.agents
         }
+    limiter = None
+    if cfg.gateway.keys_file is not None:
+        # One limiter for all gateway replicas; leases outlive the longest request.
+        limiter = TenantLimiter.bind(lease_ttl_s=cfg.gateway.request_timeout_s + 60)
     return Gateway.options(**gateway_deployment_options(cfg)).bind(
         models,
         agents,
         api_keys_env=cfg.gateway.api_keys_env,
         request_timeout_s=cfg.gateway.request_timeout_s,
         sglang_model=cfg.gateway.sglang_model,
+        max_request_bytes=cfg.gateway.max_request_bytes,
+        max_concurrent_requests=cfg.gateway.max_concurrent_requests,
+        # Absolute: replicas do not run in the directory the config was read from.
+        keys_file=str(Path(cfg.gateway.keys_file).resolve()) if cfg.gateway.keys_file else None,
+        limiter=limiter,
     )
 
 

@@ -79,6 +79,11 @@ class ReplicaSpec(_Strict):
     drain_timeout_s: PositiveFloat = Field(
         default=120.0, description="a replica being scaled down finishes its in-flight requests for up to this long"
     )
+    max_queued_requests: PositiveInt | None = Field(
+        default=256,
+        description="requests each caller (a gateway or agent replica) queues while every replica is at max_ongoing_requests; "
+        "beyond it, 503 with Retry-After at once; null: unbounded",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "ReplicaSpec":
@@ -209,12 +214,38 @@ class GatewaySpec(_Strict):
     api_keys_env: str | None = Field(
         default=None, description="name of an env var holding comma-separated API keys; unset: no auth"
     )
+    keys_file: str | None = Field(
+        default=None,
+        description="YAML/JSON file of tenants: per key (stored as its SHA-256) the models and agents it may use, "
+        "its request / token / concurrency limits and admin rights; re-read when it changes (python -m cluster hash-key)",
+    )
     cpus: PositiveFloat = 0.25
     replicas: PositiveInt = 1
     # The gateway only waits on I/O: Serve's default of 5 requests per replica would queue clients.
     max_ongoing_requests: PositiveInt = 1024
+    max_concurrent_requests: PositiveInt = Field(
+        default=768,
+        description="requests (streams until they end) one gateway replica serves at once; beyond it, 429 with Retry-After at once",
+    )
+    max_request_bytes: PositiveInt | None = Field(
+        default=32 * 1024 * 1024, description="request bodies over this many bytes get 413 before they are read; null: no bound"
+    )
     request_timeout_s: PositiveFloat = 600.0
+    drain_timeout_s: PositiveFloat = Field(
+        default=120.0,
+        description="a gateway replica being replaced (serve deploy) or stopped lets its in-flight requests and streams finish for up to this long",
+    )
     sglang_model: str | None = Field(default=None, description="the model behind SGLang's native API; default: the first model")
+
+    @model_validator(mode="after")
+    def _own_bound_first(self) -> "GatewaySpec":
+        # Past Serve's max_ongoing_requests the proxy queues requests (and answers 503 without
+        # OpenAI's error shape); the gateway's own bound must trip first.
+        if self.max_concurrent_requests > self.max_ongoing_requests:
+            raise ValueError(
+                f"max_concurrent_requests ({self.max_concurrent_requests}) must be <= max_ongoing_requests ({self.max_ongoing_requests})"
+            )
+        return self
 
 
 class TandemConfig(_Strict):

@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve import context
@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from cluster.openai_protocol import OpenAIError
 from deployments.engines.engine import PromptTooLongError
 from deployments.pools import NoPoolAvailable, Pool, PoolBalancer
+from deployments.replica import cancel_call
 
 logger = logging.getLogger("ray.serve")
 
@@ -51,26 +52,27 @@ def _replica_lost(e: BaseException) -> bool:
 
 
 def engine_error(e: BaseException, prompt_param: str) -> OpenAIError:
-    """Map an exception raised by a replica (Ray wraps it, keeping the original class) to OpenAI."""
+    """Map an exception raised by a replica (Ray wraps it, keeping the original class) to OpenAI.
+    Messages come from the replica's exception itself (`cause`): str() of Ray's wrapper is its whole
+    traceback."""
+    cause = getattr(e, "cause", None) or e
     if isinstance(e, PromptTooLongError):
-        return OpenAIError(400, str(e), param=prompt_param, code="context_length_exceeded")
+        return OpenAIError(400, str(cause), param=prompt_param, code="context_length_exceeded")
     if isinstance(e, (ValueError, TypeError)):
-        cause = getattr(e, "cause", None) or e
         return OpenAIError(400, str(cause), code="invalid_value")
     if isinstance(e, NoPoolAvailable):
-        return OpenAIError(503, str(e), type="server_error", code="no_replica_available")
+        return OpenAIError(503, str(e), type="server_error", code="no_replica_available", retry_after_s=5)
     if _replica_lost(e):
         return OpenAIError(
             503, "The replica serving this request was lost (its node may have gone down); retry the request.",
-            type="server_error", code="replica_unavailable",
+            type="server_error", code="replica_unavailable", retry_after_s=1,
         )
     if isinstance(e, BackPressureError):
-        return OpenAIError(503, "The model is overloaded; retry later.", type="server_error", code="overloaded")
+        # Every replica is at max_ongoing_requests and this caller's queue is full (max_queued_requests).
+        return OpenAIError(503, "The model is overloaded; retry later.", type="server_error", code="overloaded", retry_after_s=1)
     if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
         return OpenAIError(504, "The request timed out.", type="server_error", code="timeout")
     logger.exception("request failed", exc_info=e)
-    # The replica's exception itself: str() of Ray's wrapper is its whole traceback.
-    cause = getattr(e, "cause", None) or e
     return OpenAIError(500, f"Internal error while generating: {type(cause).__name__}: {cause}", type="server_error", code="internal_error")
 
 
@@ -84,6 +86,7 @@ def _no_replica_in_time(pool: Pool, timeout: float) -> OpenAIError:
             f"was ready within {timeout:g} s; retry later.",
             type="server_error",
             code="model_cold_start_timeout",
+            retry_after_s=timeout,
         )
     # min >= 1: its replicas were lost (e.g. with their node) or never placed; not a cold start.
     return OpenAIError(
@@ -92,6 +95,7 @@ def _no_replica_in_time(pool: Pool, timeout: float) -> OpenAIError:
         f"{pool.message or pool.status}) and none was ready within {timeout:g} s; retry later.",
         type="server_error",
         code="no_replica_available",
+        retry_after_s=5,
     )
 
 
@@ -163,7 +167,7 @@ class Generation:
 
 def _cancel(choices: list[Choice]) -> None:
     for c in choices:
-        c.gen.cancel()
+        cancel_call(c.gen)
 
 
 class PoolDispatcher:
@@ -175,14 +179,11 @@ class PoolDispatcher:
         self.models = self.pools.models()
         self.request_timeout_s = request_timeout_s
 
-    def check_model(self, model: str) -> None:
-        if model not in self.models:
-            raise OpenAIError(
-                404,
-                f"The model '{model}' does not exist. Available models: {', '.join(sorted(self.models))}.",
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, model: str, visible: Callable[[str], bool] = lambda _: True) -> None:
+        """404 unless `model` is served and `visible` (to the caller: a tenant's permissions)."""
+        if model not in self.models or not visible(model):
+            known = ", ".join(m for m in sorted(self.models) if visible(m)) or "none"
+            raise OpenAIError(404, f"The model '{model}' does not exist. Available models: {known}.", param="model", code="model_not_found")
 
     def pick(self, model: str, exclude: tuple[Pool, ...] = ()) -> Pool:
         self.check_model(model)

@@ -9,7 +9,6 @@ ingress methods to inject it.)
 """
 
 import asyncio
-import hmac
 import logging
 import os
 import time
@@ -35,14 +34,18 @@ from cluster.openai_protocol import (
     sse,
 )
 from cluster.config import AGENT_MODEL_PREFIX
+from cluster.http_limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from cluster.http_metrics import HTTPMetricsMiddleware
-from deployments.agents.errors import AgentLimitError, AgentProgramError
+from cluster.tenants import Tenant, TenantGate, Ticket
+from cluster.openapi import install_openapi
+from deployments.agents.errors import AgentArgumentError, AgentLimitError, AgentProgramError
 from deployments.pools import Pool
-from deployments.replica import in_replica
+from deployments.replica import cancel_call, in_replica
 
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="Tandem", description="OpenAI-compatible gateway of a Tandem cluster")
+install_openapi(app)
 
 # The web console: static files, no build step; every URL in them is relative to the page.
 CONSOLE_DIR = Path(__file__).resolve().parent / "console"
@@ -52,9 +55,12 @@ _NO_CACHE = {"Cache-Control": "no-cache"}
 
 @app.exception_handler(OpenAIError)
 async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
+# Outermost last: metrics see every answer, the concurrency bound refuses before a body is read.
+app.add_middleware(BodyLimitMiddleware)
+app.add_middleware(ConcurrencyLimitMiddleware)
 # Prometheus counters of HTTP requests and errors by route and status (deployments/metrics.py).
 app.add_middleware(HTTPMetricsMiddleware)
 
@@ -87,12 +93,15 @@ async def _guarded(events: AsyncIterator[str], to_error, cleanup) -> AsyncIterat
         cleanup()
 
 
-async def _closing(events: AsyncIterator[str], generation: Generation) -> AsyncIterator[str]:
+async def _closing(events: AsyncIterator[str], generation: Generation, ticket: Ticket, n: int) -> AsyncIterator[str]:
+    ok = False
     try:
         async for event in events:
             yield event
+        ok = True
     finally:
         generation.close()
+        ticket.done(*_usage_totals(generation.choices, n), ok=ok)
 
 
 def _agent_error(e: BaseException) -> OpenAIError:
@@ -102,6 +111,8 @@ def _agent_error(e: BaseException) -> OpenAIError:
     if isinstance(e, AgentLimitError):
         message = str(AgentLimitError(e.limit, e.value, e.detail))
         return OpenAIError(504 if e.limit == "timeout_s" else 500, message, type="server_error", code=f"agent_limit_{e.limit}")
+    if isinstance(e, AgentArgumentError):
+        return OpenAIError(400, e.message, param=e.argument, code="invalid_agent_argument")
     if isinstance(e, AgentProgramError):
         message = str(AgentProgramError(e.program, e.message, e.error_type))
         return OpenAIError(500, message, type="server_error", code="agent_program_error")
@@ -164,20 +175,19 @@ async def _sse_choices(renderer: ResponseRenderer, choices: list[Choice], includ
         for t in tasks:
             t.cancel()
         for c in choices:
-            c.gen.cancel()
+            cancel_call(c.gen)
 
 
-def _render(renderer: ResponseRenderer, req, generation: Generation, prompt_param: str, echo_texts: list[str] | None = None):
+def _render(renderer: ResponseRenderer, req, generation: Generation, prompt_param: str, ticket: Ticket, echo_texts: list[str] | None = None):
     """A completion's response: the whole answer (`generation` was collected) or an SSE stream."""
     choices = generation.choices
     if echo_texts:
         for c in choices:
             c.text.insert(0, echo_texts[c.index // req.n])
     if not req.stream:
-        result = renderer.full(
-            [{"text": "".join(c.text), "finish_reason": c.finish_reason} for c in choices],
-            *_usage_totals(choices, req.n),
-        )
+        totals = _usage_totals(choices, req.n)
+        ticket.done(*totals)
+        result = renderer.full([{"text": "".join(c.text), "finish_reason": c.finish_reason} for c in choices], *totals)
         return JSONResponse(result)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     body = _sse_choices(renderer, choices, include_usage, req.n, prompt_param)
@@ -190,7 +200,7 @@ def _render(renderer: ResponseRenderer, req, generation: Generation, prompt_para
                 yield event
 
         body = with_echo(body)
-    return _sse_response(_closing(body, generation))
+    return _sse_response(_closing(body, generation, ticket, req.n))
 
 
 @serve.deployment(name="Gateway")
@@ -203,7 +213,14 @@ class Gateway:
         api_keys_env: str | None = None,
         request_timeout_s: float = 600.0,
         sglang_model: str | None = None,
+        max_request_bytes: int | None = None,
+        max_concurrent_requests: int | None = None,
+        keys_file: str | None = None,
+        limiter: DeploymentHandle | None = None,
     ):
+        # Read by the middlewares (cluster/http_limits.py).
+        app.state.max_request_bytes = max_request_bytes
+        app.state.max_concurrent_requests = max_concurrent_requests
         # model name -> its pools (cluster.app.pool_info plus "handle"); requests go to one of them.
         app_name = serve.get_replica_context().app_name if in_replica() else None
         self.dispatcher = PoolDispatcher(models, app_name, request_timeout_s)
@@ -212,32 +229,44 @@ class Gateway:
         self.request_timeout_s = request_timeout_s
         # The model behind SGLang's native API (an SGLang server serves exactly one).
         self.sglang_model = sglang_model or next(iter(models))
-        # Keys are read from the replica's environment, so they never appear in the config file.
+        # Keys are read from the replica's environment and the keys file (hashes only), so they never
+        # appear in the config file.
         keys = os.environ.get(api_keys_env, "") if api_keys_env else ""
-        self.api_keys = [k.strip() for k in keys.split(",") if k.strip()]
-        if api_keys_env and not self.api_keys:
+        env_keys = [k.strip() for k in keys.split(",") if k.strip()]
+        if api_keys_env and not env_keys and not keys_file:
             logger.warning("gateway.api_keys_env=%s is set but the variable is empty: requests are not authenticated", api_keys_env)
-        self.cluster_view = ClusterView(self.dispatcher.pools, self.agents, auth=bool(self.api_keys))
+        self.gate = TenantGate(keys_file, env_keys, limiter)
+        self.cluster_view = ClusterView(self.dispatcher.pools, self.agents, auth=self.gate.enabled)
 
     # -- plumbing --------------------------------------------------------------------------------
 
-    def _authorize(self, request: Request) -> None:
-        if not self.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise OpenAIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
-        if not any(hmac.compare_digest(token.strip(), k) for k in self.api_keys):
-            raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    def _authorize(self, request: Request) -> Tenant | None:
+        """The caller's tenant (None without auth); 401 without a known key."""
+        return self.gate.authenticate(request.headers.get("authorization", ""))
 
-    async def _parse(self, request: Request, model_cls):
-        self._authorize(request)
+    async def _parse(self, request: Request, model_cls) -> tuple[Tenant | None, Any]:
+        tenant = self._authorize(request)
         body = await _json_object(request)
         try:
-            return model_cls.model_validate(body)
+            return tenant, model_cls.model_validate(body)
         except ValidationError as e:
             raise _validation_error(e) from None
+
+    def _check_model(self, tenant: Tenant | None, model: str) -> None:
+        """404 for a model that does not exist, or that the tenant may not use (the same answer: a
+        key does not learn what others may use)."""
+        if model in self.dispatcher.models and not self.gate.allows(tenant, model):
+            self.gate.refused(tenant)
+        self.dispatcher.check_model(model, visible=lambda m: self.gate.allows(tenant, m))
+
+    async def _start(self, tenant: Tenant | None, model: str, jobs: list[dict], prompt_param: str, stream: bool) -> tuple[Ticket, Generation]:
+        """Admit the tenant's request (429 over a limit), then start its generation on the model."""
+        ticket = await self.gate.admit(tenant)
+        try:
+            return ticket, await self.dispatcher.start(model, jobs, prompt_param, collect=not stream)
+        except BaseException:
+            ticket.done(ok=False)
+            raise
 
     # -- routes ----------------------------------------------------------------------------------
 
@@ -269,18 +298,25 @@ class Gateway:
         """Per model, each pool's engine, accelerator, replicas (running / starting / bounds), this
         gateway's requests in flight and served, and Serve's status message (e.g. why a replica
         cannot be scheduled)."""
-        self._authorize(request)
+        tenant = self._authorize(request)
         balancer = self.dispatcher.pools
         if balancer.app_name is not None:
             await balancer.refresh()
-        return {"object": "list", "data": [{"model": m, "pools": pools} for m, pools in balancer.state().items()]}
+        data = [{"model": m, "pools": pools} for m, pools in balancer.state().items() if self.gate.allows(tenant, m)]
+        return {"object": "list", "data": data}
 
     @app.get("/v1/cluster")
     async def cluster_state(self, request: Request):
         """Everything the console shows: models and their pools with engine numbers, agents with
         their run counts, and the gateway's own view (cluster/cluster_state.py)."""
-        self._authorize(request)
-        return await self.cluster_view.snapshot()
+        tenant = self._authorize(request)
+        view = await self.cluster_view.snapshot()
+        if tenant is None:
+            return view
+        # What the key may use, only.
+        models = [m for m in view["models"] if self.gate.allows(tenant, m["model"])]
+        agents = [a for a in view["agents"] if tenant.may_use_agent(a["name"])]
+        return {**view, "models": models, "agents": agents}
 
     # -- the web console (cluster/console/; the files need no key, the API calls they make do) ----
 
@@ -304,27 +340,28 @@ class Gateway:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request):
-        self._authorize(request)
+        tenant = self._authorize(request)
         ids = sorted(self.dispatcher.models) + [AGENT_MODEL_PREFIX + a for a in sorted(self.agents)]
+        ids = [i for i in ids if self.gate.allows(tenant, i)]
         data = [{"id": i, "object": "model", "created": self.created, "owned_by": "tandem"} for i in ids]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
+        tenant, req = await self._parse(request, ChatCompletionRequest)
         if req.model.startswith(AGENT_MODEL_PREFIX):
-            return await self._agent_chat(req)
-        self.dispatcher.check_model(req.model)
+            return await self._agent_chat(tenant, req)
+        self._check_model(tenant, req.model)
         messages = req.chat_messages()
         jobs = [{"messages": messages, **req.sampling(i)} for i in range(req.n)]
         renderer = ResponseRenderer("chat", req.model)
-        generation = await self.dispatcher.start(req.model, jobs, "messages", collect=not req.stream)
-        return _render(renderer, req, generation, "messages")
+        ticket, generation = await self._start(tenant, req.model, jobs, "messages", req.stream)
+        return _render(renderer, req, generation, "messages", ticket)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        req: CompletionRequest = await self._parse(request, CompletionRequest)
-        self.dispatcher.check_model(req.model)
+        tenant, req = await self._parse(request, CompletionRequest)
+        self._check_model(tenant, req.model)
         prompts = req.prompts()
         jobs = [{**p, **req.sampling(i)} for p in prompts for i in range(req.n)]
         echo = None
@@ -333,14 +370,20 @@ class Gateway:
                 raise OpenAIError(400, "echo is only supported with text prompts", param="echo")
             echo = [p["prompt"] for p in prompts]
         renderer = ResponseRenderer("completion", req.model)
-        generation = await self.dispatcher.start(req.model, jobs, "prompt", collect=not req.stream)
-        return _render(renderer, req, generation, "prompt", echo)
+        ticket, generation = await self._start(tenant, req.model, jobs, "prompt", req.stream)
+        return _render(renderer, req, generation, "prompt", ticket, echo)
 
     # -- SGLang's native API (for sgl.RuntimeEndpoint) ------------------------------------------
 
+    def _sglang_tenant(self, request: Request) -> Tenant | None:
+        """The caller, who must be allowed the model behind SGLang's API (404 otherwise)."""
+        tenant = self._authorize(request)
+        self._check_model(tenant, self.sglang_model)
+        return tenant
+
     @app.get("/get_model_info")
     async def sglang_model_info(self, request: Request):
-        self._authorize(request)
+        self._sglang_tenant(request)
         info = await child_call(self.dispatcher.handle(self.sglang_model).model_info)
         return {
             "model_path": info["source"],
@@ -352,7 +395,7 @@ class Gateway:
 
     @app.get("/server_info")
     async def sglang_server_info(self, request: Request):
-        self._authorize(request)
+        self._sglang_tenant(request)
         handle = self.dispatcher.handle(self.sglang_model)
         info, stats = await asyncio.gather(child_call(handle.model_info), child_call(handle.stats))
         return {
@@ -365,13 +408,16 @@ class Gateway:
 
     @app.post("/flush_cache")
     async def sglang_flush_cache(self, request: Request):
-        self._authorize(request)
+        """An admin route: with tenants, only keys with `admin: true`."""
+        tenant = self._sglang_tenant(request)
+        self.gate.require_admin(tenant, "/flush_cache")
         freed = await child_call(self.dispatcher.handle(self.sglang_model).flush_cache)
         return JSONResponse({"message": "Cache flushed.", "replica": freed["replica"], "freed_blocks": freed["freed_blocks"]})
 
     @app.post("/generate")
     async def sglang_generate(self, request: Request):
-        req: sglang_protocol.GenerateRequest = await self._parse(request, sglang_protocol.GenerateRequest)
+        tenant, req = await self._parse(request, sglang_protocol.GenerateRequest)
+        self._check_model(tenant, self.sglang_model)
         req.check_supported()
         prompts = req.prompts()
         rids = req.rid if isinstance(req.rid, list) else [req.rid] * len(prompts)
@@ -380,7 +426,13 @@ class Gateway:
             # Prefill only: token counts, and prompt log-probs when asked (SGLang's `select`).
             start = req.logprob_start_len if req.return_logprob else -1
             calls = [{**p, "start": start} for p in prompts]
-            infos = await self.dispatcher.call_each(self.sglang_model, "prompt_logprobs", calls, "text")
+            ticket = await self.gate.admit(tenant)
+            try:
+                infos = await self.dispatcher.call_each(self.sglang_model, "prompt_logprobs", calls, "text")
+            except BaseException:
+                ticket.done(ok=False)
+                raise
+            ticket.done(sum(info["prompt_tokens"] for info in infos))
             results = []
             for rid, info in zip(rids, infos):
                 extra = {"input_token_logprobs": info["input_token_logprobs"], "output_token_logprobs": []} if req.return_logprob else {}
@@ -388,7 +440,7 @@ class Gateway:
             return results if req.is_batch else results[0]
 
         sampling = req.sampling_params.to_tandem()
-        generation = await self.dispatcher.start(self.sglang_model, [{**p, **sampling} for p in prompts], "text", collect=not req.stream)
+        ticket, generation = await self._start(tenant, self.sglang_model, [{**p, **sampling} for p in prompts], "text", req.stream)
         choices = generation.choices
 
         def result(c: Choice, rid: str) -> dict:
@@ -403,80 +455,110 @@ class Gateway:
                     # SGLang streams the cumulative text with each event.
                     yield sse(result(c, rids[0]))
 
-            return _sse_response(_guarded(events(), lambda e: engine_error(e, "text"), generation.close))
+            def finish():
+                generation.close()
+                ticket.done(*_usage_totals(choices, 1))
+
+            return _sse_response(_guarded(events(), lambda e: engine_error(e, "text"), finish))
+        ticket.done(*_usage_totals(choices, 1))
         results = [result(c, rid) for c, rid in zip(choices, rids)]
         return results if req.is_batch else results[0]
 
     # -- agents: registered SGLang programs ------------------------------------------------------
 
-    def _agent(self, name: str) -> DeploymentHandle:
-        if name not in self.agents:
-            known = ", ".join(sorted(self.agents)) or "none"
+    def _agent(self, tenant: Tenant | None, name: str) -> DeploymentHandle:
+        """404 for an agent that does not exist or that the tenant may not use."""
+        if name in self.agents and tenant is not None and not tenant.may_use_agent(name):
+            self.gate.refused(tenant)
+        if name not in self.agents or (tenant is not None and not tenant.may_use_agent(name)):
+            known = ", ".join(a for a in sorted(self.agents) if tenant is None or tenant.may_use_agent(a)) or "none"
             raise OpenAIError(404, f"The agent '{name}' does not exist. Available agents: {known}.", param="agent", code="agent_not_found")
         return self.agents[name]
 
-    async def _agent_run(self, name: str, arguments: dict) -> dict:
+    async def _agent_run(self, handle: DeploymentHandle, ticket: Ticket, arguments: dict) -> dict:
         try:
-            return await asyncio.wait_for(child_call(self._agent(name).run, arguments), timeout=self.request_timeout_s)
+            result = await asyncio.wait_for(child_call(handle.run, arguments), timeout=self.request_timeout_s)
         except Exception as e:  # noqa: BLE001 - mapped to an HTTP error
+            ticket.done(ok=False)
             raise _agent_error(e) from None
+        ticket.done()  # a run's model calls go over handles; their tokens are the model's, not counted here
+        return result
 
-    async def _agent_events(self, name: str, arguments: dict) -> tuple[dict, DeploymentResponseGenerator]:
+    async def _agent_events(self, handle: DeploymentHandle, ticket: Ticket, arguments: dict) -> tuple[dict, DeploymentResponseGenerator]:
         """Start a streamed program run; its first event arrives before the response starts, so
         bad arguments still get a 400."""
-        gen = child_call(self._agent(name).options(stream=True).run_stream, arguments)
+        gen = child_call(handle.options(stream=True).run_stream, arguments)
         try:
             first = await asyncio.wait_for(gen.__anext__(), timeout=self.request_timeout_s)
         except BaseException as e:
-            gen.cancel()
+            cancel_call(gen)
+            ticket.done(ok=False)
             if isinstance(e, asyncio.CancelledError):
                 raise
             raise _agent_error(e) from None
         return first, gen
 
+    @staticmethod
+    def _agent_stream(events: AsyncIterator[str], gen: DeploymentResponseGenerator, ticket: Ticket) -> StreamingResponse:
+        ended = []
+
+        async def watched():
+            async for event in events:
+                yield event
+            ended.append(True)
+
+        def cleanup():
+            cancel_call(gen)
+            ticket.done(ok=bool(ended))
+
+        return _sse_response(_guarded(watched(), _agent_error, cleanup))
+
     @app.get("/v1/agents")
     async def list_agents(self, request: Request):
-        self._authorize(request)
-        infos = await asyncio.gather(*(child_call(h.describe) for h in self.agents.values()))
+        tenant = self._authorize(request)
+        handles = [h for name, h in self.agents.items() if tenant is None or tenant.may_use_agent(name)]
+        infos = await asyncio.gather(*(child_call(h.describe) for h in handles))
         return {"object": "list", "data": [{"object": "agent", **info} for info in infos]}
 
     @app.post("/v1/agents/{name}")
     async def run_agent(self, name: str, request: Request):
-        self._authorize(request)
-        self._agent(name)
+        tenant = self._authorize(request)
+        handle = self._agent(tenant, name)
         arguments = await _json_object(request)
         stream = arguments.pop("stream", False)
         if not isinstance(stream, bool):
             raise OpenAIError(400, "stream must be true or false", param="stream")
+        ticket = await self.gate.admit(tenant)
         if not stream:
-            return {"object": "agent.run", "agent": name, **await self._agent_run(name, arguments)}
+            return {"object": "agent.run", "agent": name, **await self._agent_run(handle, ticket, arguments)}
 
-        first, gen = await self._agent_events(name, arguments)
+        first, gen = await self._agent_events(handle, ticket, arguments)
 
         async def events():
             yield sse(first)
             async for event in gen:
                 yield sse(event)
 
-        return _sse_response(_guarded(events(), lambda e: _agent_error(e), gen.cancel))
+        return self._agent_stream(events(), gen, ticket)
 
-    async def _agent_chat(self, req: ChatCompletionRequest):
+    async def _agent_chat(self, tenant: Tenant | None, req: ChatCompletionRequest):
         """`model: "agent:<name>"`: the program runs on the conversation's last user message
         (its `question`) and answers with its `answer`; all variables go in the `agent` field."""
         name = req.model.removeprefix(AGENT_MODEL_PREFIX)
-        self._agent(name)
+        handle = self._agent(tenant, name)
         users = [m for m in req.chat_messages() if m["role"] == "user"]
         if not users:
             raise OpenAIError(400, "an agent conversation needs at least one user message", param="messages")
         arguments = {"question": users[-1]["content"]}
         renderer = ResponseRenderer("chat", req.model)
+        ticket = await self.gate.admit(tenant)
         if not req.stream:
-            result = await self._agent_run(name, arguments)
+            result = await self._agent_run(handle, ticket, arguments)
             body = renderer.full([{"text": str(result["answer"]), "finish_reason": "stop"}], 0, 0)
             body.pop("usage")
             return JSONResponse({**body, "agent": {"name": name, **{k: v for k, v in result.items() if k != "answer"}}})
 
-        first, gen = await self._agent_events(name, arguments)
+        first, gen = await self._agent_events(handle, ticket, arguments)
 
         async def chunks():
             streamed = ""
@@ -496,4 +578,4 @@ class Gateway:
                     return
                 event = await gen.__anext__()
 
-        return _sse_response(_guarded(chunks(), lambda e: _agent_error(e), gen.cancel))
+        return self._agent_stream(chunks(), gen, ticket)

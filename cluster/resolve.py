@@ -30,6 +30,7 @@ from cluster.config import (
     format_pydantic_error,
     validate_args,
 )
+from cluster.tenants import load_keys_file
 from deployments.engines import registry
 from deployments.models.builtin import read_model_config
 from placement.resources import placement_problems
@@ -151,6 +152,11 @@ def _semantic_problems(cfg: TandemConfig, root: str) -> list[str]:
             path = f"{root}agents[{i}]"
             problems += _serving_problems(own, f"{path}.own_model")
             problems += placement_problems(own.accelerator, a.replicas, f"{path}.own_model.accelerator", f"{path}.replicas")
+    if cfg.gateway.keys_file is not None:
+        try:
+            load_keys_file(cfg.gateway.keys_file)
+        except ValueError as e:
+            problems.append(f"{root}gateway.keys_file: {e}")
     return problems
 
 

@@ -33,6 +33,10 @@ def test_options_use_serves_default_policy_without_engine_targets():
     fixed = deployment_scaling_options(ReplicaSpec(min=2, max=2, drain_timeout_s=30))
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
     assert fixed["graceful_shutdown_timeout_s"] == 30
+    # Queues are bounded by default; null lifts the bound (Serve's -1).
+    assert fixed["max_queued_requests"] == 256
+    assert deployment_scaling_options(ReplicaSpec(max_queued_requests=None))["max_queued_requests"] == -1
+    assert deployment_scaling_options(ReplicaSpec(max_queued_requests=8))["max_queued_requests"] == 8
     assert "fixed" in describe(ReplicaSpec(min=2, max=2))
 
 

@@ -126,9 +126,18 @@ def test_serve_run_default_config(tmp_path):
         assert f"console     http://127.0.0.1:{port}/\n" in output and "preparing builtin:tiny-chat" in output
 
         assert {"serve"} <= {Path(c).name for p in tree for c in _cmdline(p)[:2]}, "serve run is not under cluster run"
-        # Ctrl-C: serve run shuts Serve down and exits 0 (not the SIGKILL fallback of _stop), and
-        # takes its Ray cluster with it: no process of the tree is left and the port stops answering.
-        _stop(proc)
+        # SIGTERM (as a process manager stops it) while a stream is in flight: the stream finishes
+        # whole, then serve run shuts Serve down and exits 0 (not the SIGKILL fallback of _stop),
+        # and takes its Ray cluster with it: no process of the tree is left, the port stops answering.
+        request = {"model": "tiny-chat", "prompt": "Once upon a time", "max_tokens": 600, "temperature": 0, "extra_body": {"ignore_eos": True}}
+        expected = client.completions.create(**request).choices[0].text
+        chunks = iter(client.completions.create(**request, stream=True))
+        first = next(chunks)
+        proc.send_signal(signal.SIGTERM)
+        rest = list(chunks)
+        assert rest[-1].choices[0].finish_reason == "length", rest[-1]
+        assert "".join(c.choices[0].text for c in [first, *rest] if c.choices) == expected
+        proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
         assert proc.returncode == 0, log.read_text()[-4000:]
         deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
         while (_alive(tree) or _answers(url)) and time.monotonic() < deadline:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from ray.exceptions import TaskCancelledError
+
 
 class _BodyTooLarge(BaseException):
     # A BaseException so that no `except Exception` between here and the body's reader (e.g. the
@@ -68,7 +70,12 @@ class BodyLimitMiddleware:
 
         async def counting_receive():
             nonlocal received
-            message = await receive()
+            try:
+                message = await receive()
+            except TaskCancelledError:
+                # Serve cancels its fetch of the request's messages when the client goes away; to the
+                # app that is a disconnect (Starlette's streaming response waits for one), not an error.
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:

@@ -79,3 +79,29 @@ async def test_requests_beyond_the_concurrency_bound_get_503_at_once_and_health_
         assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
         # Freed: the next one is served.
         assert (await client.get("/slow")).status_code == 200
+
+
+async def test_serve_cancelling_the_receive_channel_reads_as_a_disconnect():
+    """When a client goes away, Serve's receive raises TaskCancelledError; Starlette's streaming
+    response listens for a disconnect on it, and must get one rather than an exception."""
+    from ray.exceptions import TaskCancelledError
+    from starlette.applications import Starlette
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(await receive())
+        seen.append(await receive())
+
+    calls = iter([{"type": "http.request", "body": b"{}", "more_body": False}])
+
+    async def receive():
+        for message in calls:
+            return message
+        raise TaskCancelledError()
+
+    holder = Starlette()
+    holder.state.max_request_bytes = 100
+    scope = {"type": "http", "app": holder, "headers": [(b"content-length", b"2")], "path": "/v1/completions"}
+    await BodyLimitMiddleware(app)(scope, receive, None)
+    assert seen == [{"type": "http.request", "body": b"{}", "more_body": False}, {"type": "http.disconnect"}]

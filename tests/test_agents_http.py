@@ -63,13 +63,13 @@ def test_each_builtin_agent_over_http(tandem_app, name):
 
 
 def test_a_failing_program_is_a_500_with_a_clean_message(tandem_app):
-    """An argument the program cannot use (a dict where it concatenates text) fails the program: the
+    """Arguments of the right types that the program itself refuses (it raises) fail the run: the
     body says so plainly, with no Ray traceback, actor name or terminal colour codes."""
-    r = _post(f"{tandem_app}/v1/agents/safe_response", {"question": {"nested": [1]}})
+    r = _post(f"{tandem_app}/v1/agents/safe_response", {"question": "x", "safe_label": "same", "unsafe_label": "same"})
     assert r.status_code == 500, r.text
     error = r.json()["error"]
     assert (error["code"], error["type"]) == ("agent_program_error", "server_error")
-    assert error["message"] == "agent program deployments.programs:safe_response failed: AssertionError: {'nested': [1]}"
+    assert error["message"] == "agent program deployments.programs:safe_response failed: ValueError: safe_label and unsafe_label must differ"
 
 
 def test_self_consistency_forks_and_selects_a_draft(tandem_app):

@@ -210,7 +210,7 @@ EXPECTED = [
     ("ray_tandem_model_generation_tokens_total", TINY, 16),
     ("ray_tandem_agent_runs_total", {"agent": AGENT, "status": "ok"}, 1),
     ("ray_tandem_agent_runs_total", {"agent": AGENT, "status": "invalid"}, 1),
-    ("ray_tandem_agent_errors_total", {"agent": AGENT, "error": "ValueError"}, 1),
+    ("ray_tandem_agent_errors_total", {"agent": AGENT, "error": "AgentArgumentError"}, 1),
     ("ray_tandem_agent_run_seconds_count", {"agent": AGENT, "status": "ok"}, 1),
     ("ray_tandem_http_requests_total", {"route": "/v1/chat/completions", "method": "POST", "status": "200"}, 2),
     ("ray_tandem_http_requests_total", {"route": "/v1/agents/{name}", "method": "POST", "status": "200"}, 1),

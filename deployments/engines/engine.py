@@ -129,6 +129,17 @@ def validate_sampling(sp: SamplingParams, vocab_size: int | None = None) -> None
     validate_constraint(sp.regex, sp.json_schema)
 
 
+# Text longer than this is tokenized in a worker thread, so that no prompt holds the event loop (and
+# Serve's health checks) for long; shorter text tokenizes faster than a hop to a thread and back.
+OFF_LOOP_CHARS = 16_384
+
+
+async def _off_loop_if_long(chars: int, fn, *args):
+    if chars > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
 def continuation_sequences(tokenizer, prompt: str, continuations: list[str]) -> list[tuple[list[int], int]]:
     """For `score`: each continuation as (token ids of prompt + continuation, index of its first
     token). Tokens can merge across the boundary, so the joined text is tokenized as the model would
@@ -306,15 +317,15 @@ class Engine(abc.ABC):
         [0, vocab)); never empty. Raises ValueError, PromptTooLongError for a prompt longer than the context.
 
         A prompt can be megabytes (a request body may be): text longer than the context can hold in any
-        tokenization is refused before tokenizing (`check_prompt_chars`), and the tokenizer runs in a
-        worker thread, so a long prompt never holds the replica's event loop (its health checks)."""
+        tokenization is refused before tokenizing (`check_prompt_chars`), and long text is tokenized in a
+        worker thread (`OFF_LOOP_CHARS`), so no prompt holds the replica's event loop (its health checks)."""
         if (prompt is None) == (prompt_token_ids is None):
             raise ValueError("give exactly one of prompt and prompt_token_ids")
         if prompt is not None:
             if self._tokenizer is None:
                 raise EngineError(f"the {self.name} engine has no tokenizer for prompt text")
             self.check_prompt_chars(len(prompt))
-            ids = list((await asyncio.to_thread(self._tokenizer, prompt))["input_ids"])
+            ids = list((await _off_loop_if_long(len(prompt), self._tokenizer, prompt))["input_ids"])
         else:
             ids = prompt_token_ids
             if len(ids) > self.max_model_len:
@@ -375,7 +386,8 @@ class Engine(abc.ABC):
         if self._tokenizer is None:
             raise EngineError(f"the {self.name} engine has no tokenizer to score text")
         self.check_prompt_chars(len(prompt) + max(len(c) for c in continuations))
-        sequences = await asyncio.to_thread(continuation_sequences, self._tokenizer, prompt, list(continuations))
+        chars = len(prompt) + sum(len(c) for c in continuations)
+        sequences = await _off_loop_if_long(chars, continuation_sequences, self._tokenizer, prompt, list(continuations))
         for full_ids, _ in sequences:
             self._check_fits(len(full_ids))
         logprobs = await self.prompt_logprobs([ids for ids, _ in sequences])

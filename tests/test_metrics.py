@@ -256,9 +256,11 @@ def test_metrics_reach_the_prometheus_endpoint(tandem_app, client, model_handle)
         assert time.monotonic() < deadline, "not exported in time:\n" + "\n".join(missing or ["engine gauges"])
         time.sleep(2)
 
-    # Queue depth per replica of the engine: one series per replica of the model (3 in this app).
+    # Queue depth per replica of the engine: one series per replica. (Other applications of the
+    # session serve a model named tiny-chat too, and a gone replica's series stays a while: not
+    # only this application's 3.)
     replicas = {s.labels["replica"] for s in gauges}
-    assert 1 <= len(replicas) <= 3 and all(s.value >= 0 for s in gauges)
+    assert len(replicas) >= 1 and all(s.value >= 0 for s in gauges)
     kv = series(after, "ray_tandem_engine_kv_cache_usage", **TINY)
     assert kv and all(0 <= s.value <= 1 for s in kv)
     # TTFT lands in the histogram's buckets, with its sum.

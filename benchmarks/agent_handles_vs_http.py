@@ -22,7 +22,7 @@ import sglang as sgl
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import start_local_ray, write_results  # noqa: E402
+from benchmarks.common import percentile, start_local_ray, write_results  # noqa: E402
 
 
 @sgl.function
@@ -37,11 +37,6 @@ def three_calls(s, question):
 
 
 QUESTIONS = ["What is the capital of France?", "What color is the sky?", "你好", "What is the capital of Italy?"]
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
 def summarize(latencies: list[float]) -> dict:

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import start_local_ray, write_results  # noqa: E402
+from benchmarks.common import free_port, start_local_ray, write_results  # noqa: E402
 
 APP = "autoscale-bench"
 QUESTION = [{"role": "user", "content": "Tell me about the ocean."}]
@@ -155,12 +154,6 @@ async def zero_scenario(args) -> dict:
             break
         await asyncio.sleep(0.25)
     return {"up_started_s": started, "up_running_s": None, "up_served_s": first, "down_s": down, "ok": 1, "failed": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -30,3 +31,18 @@ def write_results(name: str, payload: dict) -> Path:
     out = RESULTS / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps(payload, indent=2))
     return out
+
+
+def free_port() -> int:
+    """A free loopback port for a benchmark's Serve proxy."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of `values`; NaN for none."""
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import start_local_ray, write_results  # noqa: E402
+from benchmarks.common import percentile, start_local_ray, write_results  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -30,13 +30,6 @@ PROMPTS = [
     "What color is the sky?",
     "Tell me about the ocean.",
 ]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
 def summarize(latencies: list[float], ttfts: list[float], tokens: int, wall: float) -> dict:

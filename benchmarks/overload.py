@@ -35,7 +35,6 @@ import asyncio
 import json
 import math
 import re
-import socket
 import sys
 import time
 from collections import Counter
@@ -45,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import start_local_ray, write_results  # noqa: E402
+from benchmarks.common import free_port, percentile, start_local_ray, write_results  # noqa: E402
 from benchmarks.soak import (  # noqa: E402
     other_ray_clusters,
     print_log_summary,
@@ -73,19 +72,6 @@ def app_args(args) -> dict:
         ],
         "gateway": {},
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
 def _error_code(text: str) -> str:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import start_local_ray, write_results  # noqa: E402
+from benchmarks.common import free_port, percentile, start_local_ray, write_results  # noqa: E402
 
 MODEL = "tiny-chat"
 APPS = ("bare", "tandem", "tandem0")
@@ -55,19 +54,6 @@ LABELS = {"bare": "bare Serve", "tandem": "Tandem (interval 20 ms)", "tandem0": 
 CHUNK_GOAL = 0.8  # Tandem chunks/s >= 0.8x bare
 P50_GOAL = 1.2  # Tandem 1-token p50 <= 1.2x bare
 MESSAGES = [{"role": "user", "content": "Tell me about the fox."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
 class ForeignLoad:

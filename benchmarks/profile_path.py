@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, start_local_ray, write_results  # noqa: E402
+from benchmarks.common import RESULTS, free_port, start_local_ray, write_results  # noqa: E402
 from benchmarks.path_cost import (  # noqa: E402
     FOREIGN_WARN,
     MODEL,
@@ -57,7 +57,6 @@ from benchmarks.path_cost import (  # noqa: E402
     chat_body,
     client_session,
     deploy,
-    free_port,
 )
 
 APP = "tandem"

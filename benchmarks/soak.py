@@ -47,7 +47,6 @@ import json
 import math
 import random
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -58,7 +57,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import start_local_ray, write_results  # noqa: E402
+from benchmarks.common import free_port, percentile, start_local_ray, write_results  # noqa: E402
 
 APP = "soak"
 MODEL = "tiny-chat"
@@ -131,12 +130,6 @@ def write_keys_file(directory: Path) -> Path:
     path = directory / "keys.json"
     path.write_text(json.dumps(keys, indent=2))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- requests and their outcomes -----------------------------------------------------------------
@@ -319,13 +312,6 @@ def process_labels(pids_titles: dict[int, str]) -> dict[int, str]:
 
 
 # -- the run -------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
 async def drive(base_url: str, args) -> dict:

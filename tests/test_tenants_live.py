@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import yaml
 
@@ -110,6 +111,11 @@ def test_requests_per_minute_hold_across_both_gateway_replicas(tenants_app):
         if r.status_code == 429:
             _assert_limited(r, "requests", "requests per minute: limit 3")
             assert 50 <= int(r.headers["retry-after"]) <= 60  # the window's oldest request, ~60 s away
+    # As the openai client sees it: its own RateLimitError, with OpenAI's error code.
+    client = openai.OpenAI(base_url=tenants_app + "/v1", api_key=KEYS["alpha"], max_retries=0, timeout=60)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.completions.create(**body)
+    assert info.value.code == "rate_limit_exceeded" and info.value.response.headers["retry-after"]
 
 
 def test_tokens_per_minute(tenants_app):
@@ -153,6 +159,11 @@ def test_a_tenant_sees_and_uses_only_its_models_and_agents(tenants_app):
         "message": "The model 'tiny-chat-b' does not exist. Available models: tiny-chat.",
         "type": "invalid_request_error", "param": "model", "code": "model_not_found",
     }
+    client = openai.OpenAI(base_url=tenants_app + "/v1", api_key=KEYS["delta"], max_retries=0, timeout=60)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="tiny-chat-b", messages=HELLO)
+    assert info.value.code == "model_not_found"
+    assert [m.id for m in client.models.list()] == ["tiny-chat"]
     missing = _chat(tenants_app, KEYS["delta"], model="no-such-model")
     assert missing.status_code == 404 and "Available models: tiny-chat." in missing.json()["error"]["message"]
     for path, body in [("/v1/agents/safe_response", {"question": "hi"}), ("/v1/chat/completions", {"model": "agent:safe_response", "messages": HELLO})]:

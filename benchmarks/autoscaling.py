@@ -51,6 +51,7 @@ def app_args(args) -> dict:
             "accelerator": {"kind": "cpu", "cpus": 0.1},
             "engine_args": engine_args,
             "stream_interval_ms": 0,
+            "stream_chunks_per_s": 0,
             "replicas": {"upscale_delay_s": args.upscale_delay, "downscale_delay_s": args.downscale_delay, **replicas},
         }
 

@@ -91,7 +91,7 @@ async def bench_direct(model_path: str, engine_args: dict, levels, per_level: in
         await engine.shutdown()
 
 
-async def bench_gateway(engine_args: dict, levels, per_level: int, max_tokens: int, threads: int) -> dict:
+async def bench_gateway(engine_args: dict, levels, per_level: int, max_tokens: int, threads: int, streaming: dict) -> dict:
     import openai
     import ray
     from ray import serve
@@ -110,6 +110,7 @@ async def bench_gateway(engine_args: dict, levels, per_level: int, max_tokens: i
                 "accelerator": {"kind": "cpu", "cpus": threads},
                 "engine_args": engine_args,
                 "replicas": {"min": 1, "max": 1, "max_ongoing_requests": 256},
+                **streaming,
             }
         ],
         "gateway": {"cpus": 0.5},
@@ -144,15 +145,23 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests-per-level", type=int, default=2, help="requests per concurrent slot at each level")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the engine (both modes)")
+    parser.add_argument("--gateway-threads", type=int, default=None,
+                        help="torch threads of the replica behind the gateway, if not --threads (the proxy, the gateway "
+                             "and this client share the machine's cores with it)")
+    parser.add_argument("--stream-interval-ms", type=float, default=None, help="the model's stream_interval_ms (default: the config default)")
+    parser.add_argument("--stream-chunks-per-s", type=float, default=None, help="the model's stream_chunks_per_s (default: the config default)")
     args = parser.parse_args()
+    gateway_threads = args.gateway_threads or args.threads
+    streaming = {k: v for k, v in (("stream_interval_ms", args.stream_interval_ms), ("stream_chunks_per_s", args.stream_chunks_per_s)) if v is not None}
 
     from deployments.models.builtin import resolve_model_source
 
     model_path = str(resolve_model_source("builtin:tiny-chat"))
     engine_args = {"num_threads": args.threads}
     direct = asyncio.run(bench_direct(model_path, engine_args, args.levels, args.requests_per_level, args.max_tokens))
-    gateway = asyncio.run(bench_gateway(engine_args, args.levels, args.requests_per_level, args.max_tokens, args.threads))
+    gateway = asyncio.run(bench_gateway({"num_threads": gateway_threads}, args.levels, args.requests_per_level, args.max_tokens,
+                                        gateway_threads, streaming))
 
     header = f"{'conc':>4} | {'direct tok/s':>12} {'gateway tok/s':>13} {'ratio':>6} | {'lat p50 d/g (s)':>16} {'lat p99 d/g (s)':>16} | {'ttft p50 d/g (s)':>17} {'ttft p99 d/g (s)':>17}"
     print(header)

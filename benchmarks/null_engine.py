@@ -160,7 +160,7 @@ def null_deployment():
 
 
 def tandem_args(model: str, replica_cpus: float, gateway_cpus: float, stream_interval_ms: float,
-                max_ongoing_requests: int = 256) -> dict[str, Any]:
+                max_ongoing_requests: int = 256, stream_chunks_per_s: float = 200.0) -> dict[str, Any]:
     """The application args of the benchmark app (the schema of `cluster.yaml`): one model, one
     fixed replica. The config names the `transformers` engine so that it validates as any user
     config does; `build_null_app` swaps in the null engine."""
@@ -172,6 +172,7 @@ def tandem_args(model: str, replica_cpus: float, gateway_cpus: float, stream_int
                 "engine": "transformers",
                 "accelerator": {"kind": "cpu", "cpus": replica_cpus},
                 "stream_interval_ms": stream_interval_ms,
+                "stream_chunks_per_s": stream_chunks_per_s,
                 "replicas": {"min": 1, "max": 1, "max_ongoing_requests": max_ongoing_requests},
             }
         ],
@@ -181,43 +182,9 @@ def tandem_args(model: str, replica_cpus: float, gateway_cpus: float, stream_int
 
 def build_null_app(args: dict[str, Any], delay_s: float = 0.0):
     """`cluster.app.build_app(args)`, with every model's deployment running the null engine: the
-    same deployment options (resources, router, scaling, drain), the same `pool_info` the gateway
-    gets (`engine: "null"`), and the same gateway options. Args with agents or a keys file are
-    not supported (the benchmarks need neither)."""
-    from cluster.app import (
-        gateway_deployment_options,
-        model_deployment_options,
-        pool_info,
-    )
-    from cluster.gateway import Gateway
-    from cluster.resolve import model_pools, parse_args
+    same graph, deployment options, `pool_info` (`engine: "null"`) and gateway, through `build`'s
+    seam for another deployment class and engine."""
+    from cluster.app import build
+    from cluster.resolve import parse_args
 
-    cfg = parse_args(args)
-    if cfg.agents or cfg.gateway.keys_file is not None:
-        raise ValueError("build_null_app builds models and the gateway only (no agents, no keys file)")
-    deployment = null_deployment()
-    models = {
-        m.name: [
-            {
-                "handle": deployment.options(**model_deployment_options(p)).bind(
-                    m.name, p.source, NAME, {"delay_s": delay_s}, stream_interval_ms=p.stream_interval_ms,
-                    pool=p.pool, device_count=p.accelerator.count,
-                ),
-                **pool_info(p),
-                "engine": NAME,
-            }
-            for p in model_pools(m)
-        ]
-        for m in cfg.models
-    }
-    return Gateway.options(**gateway_deployment_options(cfg)).bind(
-        models,
-        {},
-        api_keys_env=cfg.gateway.api_keys_env,
-        request_timeout_s=cfg.gateway.request_timeout_s,
-        sglang_model=cfg.gateway.sglang_model,
-        max_request_bytes=cfg.gateway.max_request_bytes,
-        max_concurrent_requests=cfg.gateway.max_concurrent_requests,
-        keys_file=None,
-        limiter=None,
-    )
+    return build(parse_args(args), base_model=null_deployment(), engine=(NAME, {"delay_s": delay_s}))

@@ -110,14 +110,16 @@ def deploy(apps: dict[str, float | None], replica_cpus: float, gateway_cpus: flo
     from benchmarks.bare_serve_app import build_bare_app
     from benchmarks.null_engine import build_null_app, tandem_args
     from cluster.app import build_app
-    from cluster.config import GatewaySpec
+    from cluster.config import GatewaySpec, ModelSpec
 
     gateway_max_ongoing = GatewaySpec().max_ongoing_requests
     for name, interval_ms in apps.items():
         if interval_ms is None:
             app = build_bare_app(replica_cpus, gateway_cpus, delay_s, max_ongoing_requests, gateway_max_ongoing)
         else:
-            args = tandem_args(MODEL, replica_cpus, gateway_cpus, interval_ms, max_ongoing_requests)
+            # interval 0: one message per token, so no message budget either (as the bare app).
+            args = tandem_args(MODEL, replica_cpus, gateway_cpus, interval_ms, max_ongoing_requests,
+                               stream_chunks_per_s=0 if interval_ms == 0 else ModelSpec.model_fields["stream_chunks_per_s"].default)
             app = build_null_app(args, delay_s) if engine == "null" else build_app(args)
         serve.run(app, name=name, route_prefix=f"/{name}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 from ray.serve.config import RequestRouterConfig
 
 from autoscale.policy import deployment_scaling_options
@@ -96,16 +96,21 @@ def gateway_deployment_options(cfg: TandemConfig) -> dict[str, Any]:
     }
 
 
-def build(cfg: TandemConfig) -> Application:
+def build(cfg: TandemConfig, base_model: Deployment = BaseModelDeployment, engine: tuple[str, dict] | None = None) -> Application:
+    """The application graph of `cfg`. `base_model` and `engine` (name, engine_args) replace every
+    model's deployment class and engine: the seam `benchmarks/null_engine.py` uses to run this
+    very graph with a compute-free engine."""
     # model name -> its pools: [{"handle": bound deployment, **pool_info}], in config order.
     models = {
         m.name: [
             {
-                "handle": BaseModelDeployment.options(**model_deployment_options(p)).bind(
-                    m.name, p.source, p.engine, p.engine_args, stream_interval_ms=p.stream_interval_ms,
+                "handle": base_model.options(**model_deployment_options(p)).bind(
+                    m.name, p.source, *(engine or (p.engine, p.engine_args)),
+                    stream_interval_ms=p.stream_interval_ms, stream_chunks_per_s=p.stream_chunks_per_s,
                     pool=p.pool, device_count=p.accelerator.count,
                 ),
                 **pool_info(p),
+                **({"engine": engine[0]} if engine else {}),
             }
             for p in model_pools(m)
         ]

@@ -142,6 +142,13 @@ class ModelSpec(ServingSpec):
         default=20.0, ge=0, le=1000,
         description="after the first token, stream deltas merged per this interval (0: one message per token)",
     )
+    stream_chunks_per_s: float = Field(
+        default=200.0, ge=0,
+        description=(
+            "each replica's budget of streamed messages per second, shared by its live streams: with N streams, "
+            "each one's interval is at least N / this (more tokens per message under load; 0: no budget)"
+        ),
+    )
     pools: list[PoolSpec] = Field(default_factory=list, description="several pools for this one model name")
 
     @field_validator("name")

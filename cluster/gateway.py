@@ -147,19 +147,32 @@ async def _sse_choices(renderer: ResponseRenderer, choices: list[Choice], includ
         finally:
             await queue.put((c, None, None))
 
-    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    async def one(c: Choice):
+        # One stream (n = 1, the common case) needs no merging: no task, no queue hop per chunk.
+        try:
+            async for delta in c.deltas():
+                yield c, delta, None
+        except Exception as e:  # noqa: BLE001 - reported in-stream below
+            yield c, None, e
+
+    async def merged():
+        open_streams = len(choices)
+        while open_streams:
+            c, delta, error = await queue.get()
+            if delta is None and error is None:
+                open_streams -= 1
+                continue
+            yield c, delta, error
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices] if len(choices) > 1 else []
+    events = merged() if tasks else one(choices[0])
     try:
         if renderer.kind == "chat":
             for c in choices:
                 yield sse(renderer.chunk(c.index, text="", role=True))
-        open_streams = len(choices)
-        while open_streams:
-            c, delta, error = await queue.get()
+        async for c, delta, error in events:
             if error is not None:
                 yield sse(engine_error(error, prompt_param).body())
-                continue
-            if delta is None:
-                open_streams -= 1
                 continue
             text = c.take(delta)
             if text or delta["finish_reason"]:
@@ -172,6 +185,7 @@ async def _sse_choices(renderer: ResponseRenderer, choices: list[Choice], includ
         yield SSE_DONE
     finally:
         # The client may have gone away: stop generating for it.
+        await events.aclose()
         for t in tasks:
             t.cancel()
         for c in choices:

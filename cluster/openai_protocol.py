@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.engines.engine import JSON_OBJECT_SCHEMA
@@ -363,7 +364,8 @@ class ResponseRenderer:
 
 
 def sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+    # orjson: several times faster than json.dumps, and every streamed chunk is dumped once.
+    return f"data: {obj if isinstance(obj, str) else orjson.dumps(obj).decode()}\n\n"
 
 
 SSE_DONE = sse("[DONE]")

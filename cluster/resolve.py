@@ -77,6 +77,7 @@ class PoolPlan(ServingPlan):
     model: str
     replicas: ReplicaSpec
     stream_interval_ms: float
+    stream_chunks_per_s: float
     pool: str | None = None  # None: the model has no pools
 
     @property
@@ -88,10 +89,11 @@ class PoolPlan(ServingPlan):
 
 def model_pools(m: ModelSpec) -> list[PoolPlan]:
     if not m.pools:
-        return [PoolPlan(spec=m, source=m.source, model=m.name, replicas=m.replicas, stream_interval_ms=m.stream_interval_ms)]
+        return [PoolPlan(spec=m, source=m.source, model=m.name, replicas=m.replicas, stream_interval_ms=m.stream_interval_ms,
+                         stream_chunks_per_s=m.stream_chunks_per_s)]
     return [
         PoolPlan(spec=p, source=p.source or m.source, model=m.name, pool=p.name, replicas=p.replicas,
-                 stream_interval_ms=m.stream_interval_ms)
+                 stream_interval_ms=m.stream_interval_ms, stream_chunks_per_s=m.stream_chunks_per_s)
         for p in m.pools
     ]
 

@@ -41,10 +41,10 @@ def _delta_dict(delta: Delta) -> dict:
     return dataclasses.asdict(delta)
 
 
-def _merge(deltas: list[Delta]) -> Delta | None:
+def _merge(deltas: list[Delta]) -> Delta:
     """Consecutive deltas of one request as one (running totals and finish come from the last)."""
-    if not deltas:
-        return None
+    if len(deltas) == 1:
+        return deltas[0]
     last = deltas[-1]
     return dataclasses.replace(last, text="".join(d.text for d in deltas), token_ids=[t for d in deltas for t in d.token_ids])
 
@@ -59,6 +59,7 @@ class BaseModelServer:
         engine: str,
         engine_args: dict | None = None,
         stream_interval_ms: float = 0.0,
+        stream_chunks_per_s: float = 0.0,
         pool: str | None = None,
         device_count: int = 1,
     ):
@@ -75,6 +76,8 @@ class BaseModelServer:
         self.pool = pool  # None: the model has a single pool
         self.source = source
         self.stream_interval_s = stream_interval_ms / 1000
+        self.stream_chunks_per_s = stream_chunks_per_s
+        self._live_streams = 0  # streams being coalesced now (see `_stream_interval`)
         self.engine_name = engine
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.engine = create_engine(engine, model_path, dict(engine_args or {}), self.tokenizer, device_count)
@@ -123,50 +126,86 @@ class BaseModelServer:
     ) -> AsyncIterator[dict]:
         request = self._request(prompt, messages, prompt_token_ids, request_id, sampling)
         deltas = self.engine.generate(request)
-        if self.stream_interval_s <= 0:
+        if self.stream_interval_s <= 0 and self.stream_chunks_per_s <= 0:
             try:
                 async for delta in deltas:
                     yield _delta_dict(delta)
             finally:
                 await deltas.aclose()
             return
-        # Every yielded item is one Ray message to the caller (and on to the HTTP proxy): under load,
-        # one message per token costs more than decoding it. The first delta goes out at once (time to
-        # first token); after it, deltas produced within `stream_interval_s` go out merged.
-        queue: asyncio.Queue = asyncio.Queue()
+        async for merged in self._coalesced(deltas):
+            yield _delta_dict(merged)
+
+    def _stream_interval(self) -> float:
+        """Seconds between one stream's messages now: `stream_interval_ms`, or longer when the
+        replica's live streams would together send more than `stream_chunks_per_s`."""
+        if self.stream_chunks_per_s <= 0:
+            return self.stream_interval_s
+        return max(self.stream_interval_s, self._live_streams / self.stream_chunks_per_s)
+
+    async def _coalesced(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+        """The engine's deltas, merged: every yielded item is one Ray message to the caller (and on to
+        the HTTP proxy), and under load one message per token costs more than decoding it. The first
+        delta and the last go out at once (time to first token, end of stream); in between, one
+        merged message per `_stream_interval()`."""
+        loop = asyncio.get_running_loop()
+        pending: list[Delta] = []
+        wake = asyncio.Event()  # set when there is something to send, or it is time to send it
+        state = {"ended": False, "closing": False, "error": None}
 
         async def pump():
             try:
                 async for delta in deltas:
-                    queue.put_nowait(delta)
-                queue.put_nowait(None)
+                    pending.append(delta)
+                    if delta.finish_reason is not None:
+                        state["closing"] = True
+                        wake.set()
+                    elif len(pending) == 1:
+                        wake.set()
             except BaseException as e:  # noqa: BLE001 - re-raised to the consumer below
-                queue.put_nowait(e)
+                state["error"] = e
             finally:
+                state["ended"] = True
+                wake.set()
                 # Closing the engine's iterator cancels the request there and frees its slot, also
                 # when our caller went away (client disconnect -> Serve cancels this generator).
                 await deltas.aclose()
 
         task = asyncio.create_task(pump())
-        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+        last_sent: float | None = None  # None until the first message
+        self._live_streams += 1
         try:
-            first, finished = True, False
-            while not finished:
-                batch = [await queue.get()]
-                deadline = loop.time() + (0 if first else self.stream_interval_s)
-                while batch[-1] is not None and not isinstance(batch[-1], BaseException) and batch[-1].finish_reason is None:
-                    try:
-                        batch.append(await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time())))
-                    except asyncio.TimeoutError:
-                        break
-                first = False
-                if isinstance(batch[-1], BaseException):
-                    raise batch[-1]
-                finished = batch[-1] is None or batch[-1].finish_reason is not None
-                merged = _merge([d for d in batch if d is not None])
-                if merged is not None:
-                    yield _delta_dict(merged)
+            while True:
+                await wake.wait()
+                wake.clear()
+                if state["error"] is not None:
+                    raise state["error"]
+                if not pending:
+                    if state["ended"]:
+                        return
+                    continue
+                due = last_sent is None or state["closing"] or state["ended"]
+                if not due:
+                    at = last_sent + self._stream_interval()
+                    if loop.time() < at:
+                        if timer is None:  # one wake-up per message, not one per token
+                            timer = loop.call_at(at, wake.set)
+                        continue
+                if timer is not None:
+                    timer.cancel()
+                    timer = None
+                batch = pending[:]
+                pending.clear()
+                last_sent = loop.time()
+                merged = _merge(batch)
+                yield merged
+                if merged.finish_reason is not None:
+                    return
         finally:
+            self._live_streams -= 1
+            if timer is not None:
+                timer.cancel()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 

@@ -226,6 +226,7 @@ AUTOSCALE_ARGS = {
             "accelerator": {"kind": "cpu", "cpus": 0.1},
             "engine_args": {"max_num_seqs": 2, "num_threads": 1},
             "stream_interval_ms": 0,
+            "stream_chunks_per_s": 0,
             "replicas": {
                 "min": 1, "max": 2, "target_ongoing_requests": 32, "max_ongoing_requests": 64,
                 "target_waiting_requests": 1, "upscale_delay_s": 1, "downscale_delay_s": 2, "drain_timeout_s": 60,

@@ -2,6 +2,7 @@
 prompt log-probs. (Constrained decoding: test_constraints.py.)"""
 
 import asyncio
+import itertools
 import math
 
 import pytest
@@ -539,3 +540,32 @@ async def test_a_dead_loop_fails_streams_and_health(model_path):
             await collect(eng, make_request("Hello", max_tokens=5))
     finally:
         await eng.shutdown()
+
+
+def test_decode_attention_equals_the_managers_masked_attention():
+    """A decode step of 5 requests with different cache lengths and grouped-query heads: each
+    request's own keys only, exactly as SDPA over the whole packed batch with the manager's
+    block-diagonal mask computes it."""
+    from deployments.engines.transformers_attention import decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    k_lens = [7, 1, 30, 12, 3]
+    heads, kv_heads, dim, batch = 4, 2, 16, len(k_lens)
+    cu_k = torch.tensor([0, *itertools.accumulate(k_lens)])
+    cu_q = torch.arange(batch + 1)
+    query = torch.randn(1, heads, batch, dim, generator=gen)
+    key = torch.randn(1, kv_heads, int(cu_k[-1]), dim, generator=gen)
+    value = torch.randn(1, kv_heads, int(cu_k[-1]), dim, generator=gen)
+
+    mask = torch.full((1, 1, batch, int(cu_k[-1])), torch.finfo(torch.float32).min)
+    for i in range(batch):
+        mask[0, 0, i, cu_k[i] : cu_k[i + 1]] = 0
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=mask, scale=0.25
+    ).transpose(1, 2)  # [1, B, H, D]
+
+    got = decode_attention(query, key, value, cu_q, cu_k, 0.25)
+    assert got.shape == (1, batch, heads, dim)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # A step that also prefills (a request with 3 queries) is not a decode step: left to transformers.
+    assert decode_attention(torch.randn(1, heads, 7, dim), key, value, torch.tensor([0, 1, 4, 5, 6, 7]), cu_k, 0.25) is None

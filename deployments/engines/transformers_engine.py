@@ -38,6 +38,7 @@ from deployments.engines.engine import (
     SamplingParams,
     validate_sampling,
 )
+from deployments.engines import transformers_attention
 from deployments.engines.text import DeltaMapper
 from deployments.engines.transformers_config import resolve_engine_args
 from deployments.engines.transformers_sampling import SLOT_KWARG, LogitsMask, ProcessorList, RequestSlot, SamplingProcessor
@@ -98,6 +99,7 @@ class TransformersEngine(Engine):
             torch.set_num_threads(args["num_threads"])
         if self._tokenizer is None:
             self._tokenizer = AutoTokenizer.from_pretrained(self._model_path)
+        transformers_attention.install()  # decode steps attend per request, not over the whole batch
         # SDPA serves both the manager and `score`'s plain forward. (The manager would turn "eager" into
         # "paged|eager", whose attention is not causal outside a CB batch.)
         model = AutoModelForCausalLM.from_pretrained(
@@ -252,12 +254,16 @@ class TransformersEngine(Engine):
 
     async def _next_output(self, outputs: asyncio.Queue[GenerationOutput]) -> GenerationOutput:
         """The request's most recent output (each carries all tokens so far, so a backlog collapses)."""
-        while True:
+        while outputs.empty():
             try:
-                output = await asyncio.wait_for(outputs.get(), timeout=_WATCHDOG_S)
+                # asyncio.timeout, not wait_for: no task per decode step and request.
+                async with asyncio.timeout(_WATCHDOG_S):
+                    output = await outputs.get()
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.check_health()  # a dead loop would never deliver: fail instead of hanging
+        else:
+            output = outputs.get_nowait()
         while not outputs.empty():
             output = outputs.get_nowait()
         return output

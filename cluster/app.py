@@ -33,6 +33,23 @@ BASE_MODEL_ROUTER = RequestRouterConfig(
 )
 
 
+# Ray Serve's own knobs for replicas whose user code is all async and never blocks its loop (the
+# gateway's and the base models'): run that code on the replica's main event loop, and route handle
+# calls on the caller's loop, instead of hopping between threads per request and per streamed
+# message. Measured (benchmarks/profile_path.py, null engine, 16 streams): +16% requests/s, -14%
+# CPU per request. Not for agent replicas, whose programs call handles from worker threads. A
+# deployment's own runtime_env env_vars win over these.
+SERVE_FAST_PATH_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def with_fast_path_env(options: dict[str, Any]) -> dict[str, Any]:
+    actor = options.setdefault("ray_actor_options", {})
+    runtime_env = dict(actor.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**SERVE_FAST_PATH_ENV, **(runtime_env.get("env_vars") or {})}
+    actor["runtime_env"] = runtime_env
+    return options
+
+
 def _serving_options(plan: ServingPlan, replicas: ReplicaSpec) -> dict[str, Any]:
     options = {
         **replica_options(plan.accelerator, max_replicas_per_node=replicas.max_replicas_per_node),
@@ -44,7 +61,9 @@ def _serving_options(plan: ServingPlan, replicas: ReplicaSpec) -> dict[str, Any]
 
 
 def model_deployment_options(pool: PoolPlan) -> dict[str, Any]:
-    return {"name": pool.deployment_name, "request_router_config": BASE_MODEL_ROUTER, **_serving_options(pool, pool.replicas)}
+    return with_fast_path_env(
+        {"name": pool.deployment_name, "request_router_config": BASE_MODEL_ROUTER, **_serving_options(pool, pool.replicas)}
+    )
 
 
 def pool_info(pool: PoolPlan) -> dict[str, Any]:
@@ -87,13 +106,13 @@ def _own_model_args(agent: AgentSpec) -> dict[str, Any] | None:
 
 
 def gateway_deployment_options(cfg: TandemConfig) -> dict[str, Any]:
-    return {
+    return with_fast_path_env({
         "num_replicas": cfg.gateway.replicas,
         "max_ongoing_requests": cfg.gateway.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": cfg.gateway.cpus},
         # serve deploy replaces gateway replicas when the app changes: in-flight streams finish first.
         "graceful_shutdown_timeout_s": cfg.gateway.drain_timeout_s,
-    }
+    })
 
 
 def build(cfg: TandemConfig, base_model: Deployment = BaseModelDeployment, engine: tuple[str, dict] | None = None) -> Application:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from autoscale.policy import deployment_scaling_options
-from cluster.app import agent_deployment_options, model_deployment_options
+from cluster.app import SERVE_FAST_PATH_ENV, agent_deployment_options, model_deployment_options
 from cluster.config import ConfigError
 from cluster.resolve import agent_own_model, model_pools, parse_args
 from placement.resources import replica_options
@@ -102,9 +102,14 @@ def test_runtime_env_defaults_per_engine_and_overrides():
     assert pool.runtime_env == {}
     prepared = {"py_executable": "/opt/venvs/sglang/bin/python"}
     (pool,) = model_pools(parse_args(_model(engine="sglang", accelerator={"kind": "gpu"}, runtime_env=prepared)).models[0])
-    assert model_deployment_options(pool)["ray_actor_options"]["runtime_env"] == prepared
+    # Ray Serve's fast-path switches join every base-model runtime_env; the deployment's own env_vars win.
+    assert model_deployment_options(pool)["ray_actor_options"]["runtime_env"] == {**prepared, "env_vars": SERVE_FAST_PATH_ENV}
     (pool,) = model_pools(parse_args(_model()).models[0])
-    assert "runtime_env" not in model_deployment_options(pool)["ray_actor_options"]
+    assert model_deployment_options(pool)["ray_actor_options"]["runtime_env"] == {"env_vars": SERVE_FAST_PATH_ENV}
+    mine = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}}
+    (pool,) = model_pools(parse_args(_model(runtime_env=mine)).models[0])
+    env = model_deployment_options(pool)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 def test_pools_are_validated_and_named():
@@ -198,5 +203,5 @@ def test_autoscaling_options_fixed_and_ranged():
     cfg = parse_args(_model(replicas={"min": 0, "max": 4, "target_ongoing_requests": 4}, runtime_env={"env_vars": {"A": "1"}}))
     opts = model_deployment_options(model_pools(cfg.models[0])[0])
     assert opts["autoscaling_config"]["min_replicas"] == 0 and opts["autoscaling_config"]["max_replicas"] == 4
-    assert opts["ray_actor_options"]["runtime_env"] == {"env_vars": {"A": "1"}}
+    assert opts["ray_actor_options"]["runtime_env"] == {"env_vars": {**SERVE_FAST_PATH_ENV, "A": "1"}}
     assert opts["name"] == "BaseModel-m"

@@ -26,14 +26,14 @@ from benchmarks.common import percentile, start_local_ray, write_results  # noqa
 
 
 @sgl.function
-def three_calls(s, question):
+def three_calls(s, question: str, max_tokens: int = 16):
     """Three generation calls: answer, critique, final answer."""
     s += sgl.user(question)
-    s += sgl.assistant(sgl.gen("draft", max_tokens=16, temperature=0))
+    s += sgl.assistant(sgl.gen("draft", max_tokens=max_tokens, temperature=0))
     s += sgl.user("Check the answer.")
-    s += sgl.assistant(sgl.gen("check", max_tokens=16, temperature=0))
+    s += sgl.assistant(sgl.gen("check", max_tokens=max_tokens, temperature=0))
     s += sgl.user("Give the final answer.")
-    s += sgl.assistant(sgl.gen("answer", max_tokens=16, temperature=0))
+    s += sgl.assistant(sgl.gen("answer", max_tokens=max_tokens, temperature=0))
 
 
 QUESTIONS = ["What is the capital of France?", "What color is the sky?", "你好", "What is the capital of Italy?"]
@@ -51,6 +51,8 @@ def summarize(latencies: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=16,
+                        help="tokens per gen call: the fewer, the more of a run is the path rather than the model")
     args = parser.parse_args()
 
     import ray
@@ -72,10 +74,10 @@ def main() -> None:
         endpoint = sgl.RuntimeEndpoint(f"http://127.0.0.1:{port}", chat_template_name="chatml")
 
         def in_cluster(q):
-            return agent.run.remote({"question": q}).result()["variables"]["answer"]
+            return agent.run.remote({"question": q, "max_tokens": args.max_tokens}).result()["variables"]["answer"]
 
         def outside(q):
-            return three_calls.run(question=q, backend=endpoint)["answer"]
+            return three_calls.run(question=q, max_tokens=args.max_tokens, backend=endpoint)["answer"]
 
         results = {}
         answers = {}

@@ -29,8 +29,10 @@ from cluster.openai_protocol import (
     SSE_DONE,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     OpenAIError,
     ResponseRenderer,
+    TokenizeRequest,
     sse,
 )
 from cluster.config import AGENT_MODEL_PREFIX
@@ -240,6 +242,7 @@ class Gateway:
         self.dispatcher = PoolDispatcher(models, app_name, request_timeout_s)
         self.agents = agents or {}
         self.created = int(time.time())
+        self._max_model_len: dict[str, int] = {}  # model -> context length, from its replicas (see _context_lengths)
         self.request_timeout_s = request_timeout_s
         # The model behind SGLang's native API (an SGLang server serves exactly one).
         self.sglang_model = sglang_model or next(iter(models))
@@ -355,10 +358,50 @@ class Gateway:
     @app.get("/v1/models")
     async def list_models(self, request: Request):
         tenant = self._authorize(request)
-        ids = sorted(self.dispatcher.models) + [AGENT_MODEL_PREFIX + a for a in sorted(self.agents)]
-        ids = [i for i in ids if self.gate.allows(tenant, i)]
-        data = [{"id": i, "object": "model", "created": self.created, "owned_by": "tandem"} for i in ids]
+        models = [m for m in sorted(self.dispatcher.models) if self.gate.allows(tenant, m)]
+        agents = [AGENT_MODEL_PREFIX + a for a in sorted(self.agents) if self.gate.allows(tenant, AGENT_MODEL_PREFIX + a)]
+        lengths = await self._context_lengths(models)
+        data = [
+            {"id": m, "object": "model", "created": self.created, "owned_by": "tandem", "max_model_len": lengths.get(m)}
+            for m in models
+        ]
+        data += [{"id": a, "object": "model", "created": self.created, "owned_by": "tandem"} for a in agents]
         return {"object": "list", "data": data}
+
+    async def _context_lengths(self, models: list[str]) -> dict[str, int]:
+        """Each model's context length (vLLM's `max_model_len` in /v1/models), asked once of a running
+        replica and kept: a model whose pools have none yet is not woken up by a listing (null)."""
+        await self.dispatcher.pools.ensure_counts()
+        missing = [
+            m for m in models
+            if m not in self._max_model_len and any(not p.has_no_running_replica() for p in self.dispatcher.pools.pools[m])
+        ]
+
+        async def ask(model: str) -> None:
+            try:
+                info = await asyncio.wait_for(child_call(self.dispatcher.handle(model).model_info), timeout=5)
+                self._max_model_len[model] = info["max_model_len"]
+            except Exception:  # noqa: BLE001 - a busy or restarting replica: null now, asked again next time
+                logger.warning("no context length for model %s yet", model, exc_info=True)
+
+        await asyncio.gather(*(ask(m) for m in missing))
+        return self._max_model_len
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        """vLLM's and SGLang's tokenizer endpoint: {count, max_model_len, tokens[, token_strs]}."""
+        tenant, req = await self._parse(request, TokenizeRequest)
+        self._check_model(tenant, req.model)
+        (out,) = await self.dispatcher.call_each(req.model, "tokenize", [req.job()], "messages" if req.messages else "prompt")
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        """vLLM's and SGLang's: {prompt} (vLLM's name) and {text} (SGLang's), the same text."""
+        tenant, req = await self._parse(request, DetokenizeRequest)
+        self._check_model(tenant, req.model)
+        (out,) = await self.dispatcher.call_each(req.model, "detokenize", [{"tokens": req.tokens}], "tokens")
+        return out
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):

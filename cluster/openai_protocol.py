@@ -55,15 +55,38 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    user: str | None = None  # accepted for client compatibility; not used
-    presence_penalty: float | None = Field(default=None, ge=0, le=0)
-    frequency_penalty: float | None = Field(default=None, ge=0, le=0)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as in JSON) -> [-100, 100]
     response_format: ResponseFormat | None = None
+    # Accepted and not used, as vLLM and SGLang do: nothing is stored, there is one service tier,
+    # and these only label the request (README: "Fields accepted and ignored").
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # Extensions (as in vLLM / SGLang), sent by the openai client through `extra_body`.
     top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    min_tokens: int | None = Field(default=None, ge=0)
     regex: str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if v is None:
+            return v
+        for token, bias in v.items():
+            if not token.isdigit():
+                raise ValueError(f"keys must be token ids (integers as strings), got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"values must be in [-100, 100], got {bias!r} for token {token}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -104,6 +127,12 @@ class _Request(BaseModel):
             s["regex"] = self.regex
         if self.max_new_tokens() is not None:
             s["max_tokens"] = self.max_new_tokens()
+        # Logit adjustments only when given: a plain request stays on the engines' fast path.
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "min_p"):
+            if getattr(self, name) is not None:
+                s[name] = getattr(self, name)
+        if self.logit_bias:
+            s["logit_bias"] = {int(token): bias for token, bias in self.logit_bias.items()}
         return s
 
 
@@ -274,8 +303,7 @@ class ChatCompletionRequest(_Request):
         return self.max_completion_tokens or self.max_tokens
 
     def chat_messages(self) -> list[dict]:
-        # "developer" is OpenAI's newer name for the system role.
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return chat_message_dicts(self.messages)
 
 
 class CompletionRequest(_Request):
@@ -302,8 +330,56 @@ class CompletionRequest(_Request):
         return [{"prompt_token_ids": x} for x in p]
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's and SGLang's `POST /tokenize`: a prompt, or chat messages rendered by the model's template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template adds them)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_content(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("messages"), list):
+            error = _content_error(data["messages"], data.get("model"))
+            if error is not None:
+                raise error
+        return data
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+    def job(self) -> dict[str, Any]:
+        """The base-model deployment's `tokenize` keyword arguments."""
+        job: dict[str, Any] = {"add_special_tokens": self.add_special_tokens, "return_token_strs": self.return_token_strs}
+        if self.messages is not None:
+            return {**job, "messages": chat_message_dicts(self.messages), "add_generation_prompt": self.add_generation_prompt}
+        return {**job, "prompt": self.prompt}
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's and SGLang's `POST /detokenize`."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    tokens: list[int]
+
+
+def chat_message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    # "developer" is OpenAI's newer name for the system role.
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()
+TokenizeRequest.model_rebuild()
 
 
 # -- rendering -------------------------------------------------------------------------------------

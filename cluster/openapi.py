@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from cluster import sglang_protocol
-from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest
+from cluster.openai_protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -141,6 +141,9 @@ class Model(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    max_model_len: int | None = Field(
+        default=None, description="The model's context length in tokens (not for agents; null until a replica has answered)"
+    )
 
 
 class ModelList(BaseModel):
@@ -267,6 +270,18 @@ class SGLangServerInfo(BaseModel):
     internal_states: list[dict[str, Any]]
 
 
+class TokenizeResult(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = Field(default=None, description="With return_token_strs")
+
+
+class DetokenizeResult(BaseModel):
+    prompt: str = Field(description="The text (vLLM's field name)")
+    text: str = Field(description="The same text (SGLang's field name)")
+
+
 class FlushCacheResult(BaseModel):
     message: str
     replica: str
@@ -320,6 +335,12 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("post", "/v1/completions"): Route(
         TextCompletion, GENERATION_ERRORS, body=CompletionRequest, stream=TextCompletion, summary="OpenAI (legacy) completion"
     ),
+    ("post", "/tokenize"): Route(
+        TokenizeResult, (400, 401, 404, 500, 503, 504), body=TokenizeRequest, summary="vLLM / SGLang: a prompt's or messages' token ids"
+    ),
+    ("post", "/detokenize"): Route(
+        DetokenizeResult, (400, 401, 404, 500, 503, 504), body=DetokenizeRequest, summary="vLLM / SGLang: the text of token ids"
+    ),
     ("get", "/get_model_info"): Route(SGLangModelInfo, (401, 404, 503), summary="SGLang: the model behind /generate"),
     ("get", "/server_info"): Route(SGLangServerInfo, (401, 404, 503), summary="SGLang: server and engine state"),
     ("post", "/flush_cache"): Route(FlushCacheResult, (401, 403, 404, 503), summary="SGLang: drop one replica's prefix cache (admin)"),
@@ -342,6 +363,7 @@ MODELS: list[type[BaseModel]] = [
     ChatCompletionRequest, CompletionRequest, sglang_protocol.GenerateRequest, AgentArguments, ErrorResponse,
     ChatCompletion, ChatCompletionChunk, TextCompletion, ModelList, AgentList, AgentRun, Health, PoolList,
     ClusterSnapshot, GenerateResult, SGLangModelInfo, SGLangServerInfo, FlushCacheResult,
+    TokenizeRequest, DetokenizeRequest, TokenizeResult, DetokenizeResult,
 ]
 
 

@@ -90,7 +90,7 @@ class BaseModelServer:
 
     # -- prompt rendering ------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Messages -> prompt text through the model's own chat template."""
         if not messages:
             raise ValueError("messages must contain at least one message")
@@ -98,7 +98,7 @@ class BaseModelServer:
             raise ValueError(f"model {self.model_name!r} has no chat template; use the completions API")
         # Refuse what cannot fit before rendering megabytes through the template.
         self.engine.check_prompt_chars(sum(len(m.get("content") or "") for m in messages if isinstance(m, dict)))
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _request(self, prompt, messages, prompt_token_ids, request_id, sampling: dict) -> GenerationRequest:
         given = [x is not None for x in (prompt, messages, prompt_token_ids)]
@@ -257,6 +257,37 @@ class BaseModelServer:
                 [logprobs[i], ids[i], self.tokenizer.decode([ids[i]])] for i in range(start, len(ids))
             ],
         }
+
+    async def tokenize(
+        self, prompt: str | None = None, messages: list[dict] | None = None, add_special_tokens: bool | None = None,
+        add_generation_prompt: bool = True, return_token_strs: bool = False,
+    ) -> dict:
+        """vLLM's / SGLang's `/tokenize`: a prompt's token ids as generation would see them (messages
+        through the chat template, whose text already holds its special tokens)."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if messages is not None:
+            text = self.render_chat(messages, add_generation_prompt)
+            special = bool(add_special_tokens)  # default False: the template wrote them
+        else:
+            text, special = prompt, add_special_tokens is not False
+        if len(text) > 16_384:  # long text off the event loop
+            ids = await asyncio.to_thread(lambda: self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        else:
+            ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        out = {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": list(ids)}
+        if return_token_strs:
+            out["token_strs"] = self.tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    async def detokenize(self, tokens: list[int]) -> dict:
+        """vLLM's / SGLang's `/detokenize`: the text of token ids (special tokens kept, as both do)."""
+        vocab = len(self.tokenizer)
+        bad = next((t for t in tokens if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"tokens must be token ids in [0, {vocab}), got {bad!r}")
+        text = self.tokenizer.decode(tokens)
+        return {"prompt": text, "text": text}  # vLLM's name and SGLang's
 
     async def flush_cache(self) -> dict:
         """Drop this replica's reusable prefix cache (SGLang's /flush_cache)."""

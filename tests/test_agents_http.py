@@ -204,5 +204,5 @@ def test_native_endpoints(tandem_app, runtime_endpoint):
     r = _post(tandem_app + "/generate", {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
     body = r.json()
     assert r.status_code == 200 and (body["text"], body["meta_info"]["completion_tokens"]) == (" Paris", 4)
-    r = _post(tandem_app + "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 4, "frequency_penalty": 0.5}})
-    assert r.status_code == 400 and "frequency_penalty" in r.json()["error"]["message"]
+    r = _post(tandem_app + "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 4, "stop_regex": "a+"}})
+    assert r.status_code == 400 and "stop_regex" in r.json()["error"]["message"]

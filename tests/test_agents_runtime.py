@@ -217,15 +217,22 @@ def test_sampling_mapping():
     assert b.sampling_kwargs(_params(json_schema=schema))["json_schema"] == schema
 
 
+def test_logit_adjustments_reach_the_base_model():
+    # The ones an SGLang program's gen can give (its SglSamplingParams has no repetition_penalty or logit_bias).
+    b = _backend()
+    got = b.sampling_kwargs(_params(min_new_tokens=2, frequency_penalty=0.5, presence_penalty=-0.5))
+    assert {k: got[k] for k in ("min_tokens", "frequency_penalty", "presence_penalty")} == {
+        "min_tokens": 2, "frequency_penalty": 0.5, "presence_penalty": -0.5,
+    }
+    assert "min_p" not in got and "repetition_penalty" not in got
+    assert b.sampling_kwargs(_params(min_p=0.1, temperature=0.8))["min_p"] == 0.1
+
+
 @pytest.mark.parametrize(
     "overrides, feature",
     [
         ({"n": 2}, "n=2"),
-        ({"min_new_tokens": 2}, "min_new_tokens=2"),
         ({"stop_regex": ["a+"]}, "stop_regex"),
-        ({"min_p": 0.1}, "min_p"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"presence_penalty": -0.5}, "presence_penalty"),
         ({"return_logprob": True}, "return_logprob"),
         ({"logprob_start_len": 0}, "logprob_start_len"),
         ({"top_logprobs_num": 3}, "top_logprobs_num"),
@@ -489,8 +496,8 @@ def test_raising_program_then_next_run_works(agents):
 def test_unsupported_feature_in_program(agents):
     with pytest.raises(AgentProgramError, match=r"sampling parameters n=2 .*s\.fork\(2\)"):
         run(agents, "unsupported", question="Hi", feature="n")
-    with pytest.raises(AgentProgramError, match="frequency_penalty"):
-        run(agents, "unsupported", question="Hi", feature="frequency_penalty")
+    with pytest.raises(AgentProgramError, match="return_logprob"):
+        run(agents, "unsupported", question="Hi", feature="logprobs")
 
 
 def test_max_calls_limit(agents):

@@ -38,7 +38,7 @@ MAX_TOKENS = 4
 MAX_N = 2
 
 # Examples per operation (positive: bodies the schema allows; negative: bodies it refuses): about
-# 640 requests, ~30 s of fuzzing on the 2-core test machine (the session cluster's start is apart).
+# 745 requests, ~35 s of fuzzing on the 2-core test machine (the session cluster's start is apart).
 # The generating operations get the most: their bodies are the large input space, and `_cap` keeps
 # each one to a few tokens. A GET without parameters has one request to send. Agents: generated
 # argument objects do not match a program's arguments (a 400 or 404 before any run; a real run is
@@ -54,6 +54,8 @@ BUDGET: dict[str, tuple[int, int]] = {
     "GET /server_info": (1, 0),
     "POST /flush_cache": (1, 0),
     "POST /generate": (120, 40),
+    "POST /tokenize": (40, 20),
+    "POST /detokenize": (30, 15),
     "GET /v1/agents": (1, 0),
     "POST /v1/agents/{name}": (30, 20),
 }

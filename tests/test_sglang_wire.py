@@ -78,13 +78,14 @@ CASES = {
     ),
     "ignore_eos": ({"ignore_eos": True}, ok(ignore_eos=True), True),
     "ignore_eos not bool": ({"ignore_eos": "yes"}, invalid("ignore_eos must be a boolean, got 'yes'"), False),
-    "frequency_penalty": ({"frequency_penalty": 0.5}, unsupported("frequency_penalty=0.5"), True),
-    "presence_penalty": ({"presence_penalty": -0.5}, unsupported("presence_penalty=-0.5"), True),
+    "frequency_penalty": ({"frequency_penalty": 0.5}, ok(frequency_penalty=0.5), True),
+    "presence_penalty": ({"presence_penalty": -0.5}, ok(presence_penalty=-0.5), True),
     "frequency_penalty out of range": (
         {"frequency_penalty": 3}, invalid("frequency_penalty must be in [-2, 2], got 3."), True,
     ),
-    "min_p": ({"min_p": 0.1}, unsupported("min_p=0.1"), True),
-    "min_new_tokens": ({"min_new_tokens": 2}, unsupported("min_new_tokens=2"), True),
+    "min_p": ({"min_p": 0.1, "temperature": 0.7}, ok(min_p=0.1, temperature=0.7, top_k=0), True),
+    "min_p greedy": ({"min_p": 0.1, "temperature": 0}, ok(temperature=0.0), True),  # greedy keeps the top token anyway
+    "min_new_tokens": ({"min_new_tokens": 2}, ok(min_tokens=2), True),
     "min_new_tokens > max": (
         {"max_new_tokens": 5, "min_new_tokens": 9},
         invalid("min_new_tokens must be in [0, max_new_tokens(5)], got 9."), True,
@@ -92,10 +93,10 @@ CASES = {
     "n=2": ({"n": 2}, unsupported("n=2 (one sample per request: send 2 requests; in an SGLang program, s.fork(2))"), True),
     "stop_regex": ({"stop_regex": "a+"}, unsupported("stop_regex=['a+'] (use stop strings)"), True),
     "several unsupported": (
-        {"frequency_penalty": 0.5, "n": 2, "max_new_tokens": None},
+        {"stop_regex": "a+", "n": 2, "max_new_tokens": None},
         unsupported(
             "max_new_tokens=None (SGLang: as many tokens as the context allows; give a number); "
-            "n=2 (one sample per request: send 2 requests; in an SGLang program, s.fork(2)); frequency_penalty=0.5"
+            "n=2 (one sample per request: send 2 requests; in an SGLang program, s.fork(2)); stop_regex=['a+'] (use stop strings)"
         ),
         True,
     ),
@@ -176,7 +177,7 @@ def test_invalid_exactly_where_sglang_rejects(params, expected):
     [
         ({"sampling_seed": 7}, ok(seed=7)),
         ({"sampling_seed": "7"}, invalid("sampling_seed must be an integer, got str.")),
-        ({"repetition_penalty": 1.2}, unsupported("repetition_penalty=1.2")),
+        ({"repetition_penalty": 1.2}, ok(repetition_penalty=1.2)),
         ({"repetition_penalty": 0}, invalid("repetition_penalty must be in (0, 2] (1.0 = no penalty), got 0.")),
         ({"beam_width": 1}, ok()),
         ({"beam_width": 4}, unsupported("beam_width=4")),
@@ -187,7 +188,8 @@ def test_invalid_exactly_where_sglang_rejects(params, expected):
         ({"skip_special_tokens": True, "spaces_between_special_tokens": True}, ok()),  # what RuntimeEndpoint sends
         ({"no_stop_trim": True}, unsupported("no_stop_trim=True")),
         ({"stream_interval": 4}, unsupported("stream_interval=4 (the deployment's stream_interval_ms applies)")),
-        ({"logit_bias": {"5": 1.0}}, unsupported("logit_bias={'5': 1.0}")),
+        ({"logit_bias": {"5": 1.0}}, ok(logit_bias={5: 1.0})),
+        ({"logit_bias": {"five": 1.0}}, invalid("logit_bias keys must be token ids, got 'five'")),
         ({"logit_bias": {}}, ok()),
         ({"custom_params": {"a": 1}}, unsupported("custom_params={'a': 1}")),
         ({"watermark": {"key": 1}}, unsupported("watermark={'key': 1}")),
@@ -227,10 +229,10 @@ def test_names_and_defaults_are_sglang_servers():
 
 
 def test_errors_cross_process_boundaries():
-    for e in (wire.SamplingParamError("top_k", "bad top_k"), wire.UnsupportedSamplingError({"n": 2, "min_p": 0.5})):
+    for e in (wire.SamplingParamError("top_k", "bad top_k"), wire.UnsupportedSamplingError({"n": 2, "stop_regex": ["a"]})):
         again = pickle.loads(pickle.dumps(e))
         assert (type(again), str(again), again.param) == (type(e), str(e), e.param)
-    assert wire.UnsupportedSamplingError({"n": 2, "min_p": 0.5}).params == ["n", "min_p"]
+    assert wire.UnsupportedSamplingError({"n": 2, "stop_regex": ["a"]}).params == ["n", "stop_regex"]
 
 
 # -- meta_info -------------------------------------------------------------------------------------------

@@ -61,11 +61,11 @@ GREEDY_TEMPERATURE = 1e-5
 SUPPORTED = """\
 gen: the sampling parameters exactly as the gateway's /generate maps them (deployments/agents/wire.py:
      SGLang's defaults, its checks, then max_tokens, stop, stop_token_ids, temperature (< 1e-6 greedy),
-     top_p, top_k (-1 = off), ignore_eos, regex or json_schema (a JSON string)), plus dtype
+     top_p, top_k (-1 = off), ignore_eos, regex or json_schema (a JSON string), min_new_tokens,
+     min_p, presence / frequency / repetition penalties, logit_bias), plus dtype
      int/float/bool/str (SGLang's REGEX_INT/FLOAT/BOOL/STR).
      Not supported (raise UnsupportedFeatureError): max_tokens 0 or None, n > 1 (use s.fork(n)),
-     min_tokens > 0, stop_regex, min_p, frequency_penalty / presence_penalty != 0, return_logprob /
-     logprob_start_len / top_logprobs_num / return_text_in_logprobs, regex together with dtype,
+     stop_regex, return_logprob / logprob_start_len / top_logprobs_num / return_text_in_logprobs, regex together with dtype,
      images / video, API speculative execution (num_api_spec_tokens).
 select: token_length_normalized (default), greedy_token_selection, unconditional_likelihood_normalized
      and custom ChoicesSamplingMethod subclasses, from the same per-token log-probs an SGLang server

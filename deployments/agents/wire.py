@@ -13,7 +13,8 @@ One module for both ways an SGLang program reaches Tandem: the gateway's native 
   them, never silently ignored;
 - the rest becomes the base model's sampling keyword arguments (`deployments/engines/engine.py`
   `SamplingParams`: max_tokens, temperature, top_p, top_k (0 = off), seed, stop, stop_token_ids,
-  ignore_eos, regex, json_schema).
+  ignore_eos, regex, json_schema, min_tokens (SGLang's min_new_tokens), min_p, presence_penalty,
+  frequency_penalty, repetition_penalty, logit_bias (SGLang's string token ids as integers)).
 
 Pure Python on purpose: the gateway process imports it and must stay free of SGLang and torch.
 """
@@ -70,13 +71,8 @@ MAX_STOP_COUNT = 32  # SGLang's limit on stop strings
 # Parameters SGLang honours and Tandem's engines cannot: name -> (the values Tandem can serve, a hint
 # ({value}: the value given)).
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "min_new_tokens": (lambda v: v == 0, ""),
     "n": (lambda v: v == 1, "one sample per request: send {value} requests; in an SGLang program, s.fork({value})"),
     "stop_regex": (lambda v: not v, "use stop strings"),
-    "min_p": (lambda v: v == 0, ""),
-    "frequency_penalty": (lambda v: v == 0, ""),
-    "presence_penalty": (lambda v: v == 0, ""),
-    "repetition_penalty": (lambda v: v == 1, ""),
     "beam_width": (lambda v: v in (None, 1), ""),
     "ebnf": (lambda v: v is None, "use regex or json_schema"),
     "structural_tag": (lambda v: v is None, "use regex or json_schema"),
@@ -84,7 +80,6 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "spaces_between_special_tokens": (lambda v: v is True, ""),
     "no_stop_trim": (lambda v: v is False, ""),
     "stream_interval": (lambda v: v is None, "the deployment's stream_interval_ms applies"),
-    "logit_bias": (lambda v: not v, ""),
     "custom_params": (lambda v: not v, ""),
     "watermark": (lambda v: v is None, ""),
 }
@@ -214,6 +209,14 @@ def normalize(params: Mapping[str, Any]) -> dict[str, Any]:
     _check(len(grammars) <= 1, grammars[-1] if grammars else "regex",
            "Only one of json_schema, regex, ebnf, or structural_tag can be set.")
     _check(p["regex"] is None or isinstance(p["regex"], str), "regex", f"regex must be a string, got {p['regex']!r}")
+    bias = p["logit_bias"]
+    if bias is not None:
+        _check(isinstance(bias, Mapping), "logit_bias", f"logit_bias must map token ids to numbers, got {bias!r}")
+        for token, value in bias.items():
+            _check(_is_int(token) or (isinstance(token, str) and token.isdigit()), "logit_bias",
+                   f"logit_bias keys must be token ids, got {token!r}")
+            _check(_is_number(value) and math.isfinite(value), "logit_bias",
+                   f"logit_bias[{token!r}] must be a finite number, got {value!r}")
     schema = p["json_schema"]
     if schema is not None:
         _check(isinstance(schema, str), "json_schema",
@@ -257,6 +260,17 @@ def to_tandem(params: Mapping[str, Any]) -> dict[str, Any]:
     }
     if p["sampling_seed"] is not None:
         out["seed"] = p["sampling_seed"]
+    # Logit adjustments only when set, so a plain request stays on the engines' fast path.
+    adjustments = {
+        "min_tokens": (p["min_new_tokens"], 0),
+        "min_p": (0.0 if greedy else p["min_p"], 0.0),  # greedy decoding keeps the top token anyway
+        "presence_penalty": (p["presence_penalty"], 0.0),
+        "frequency_penalty": (p["frequency_penalty"], 0.0),
+        "repetition_penalty": (p["repetition_penalty"], 1.0),
+    }
+    out.update({name: value for name, (value, default) in adjustments.items() if value != default})
+    if p["logit_bias"]:
+        out["logit_bias"] = {int(token): float(value) for token, value in p["logit_bias"].items()}
     for name in ("regex", "json_schema"):
         if p[name] is not None:
             out[name] = p[name]

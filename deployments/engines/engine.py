@@ -75,6 +75,20 @@ class SamplingParams:
     # Constrained decoding (at most one of these): a regular expression or a JSON schema (as a JSON string).
     regex: str | None = None
     json_schema: str | None = None
+    # Logit adjustments, OpenAI / vLLM semantics. They apply to greedy requests too, except min_p.
+    presence_penalty: float = 0.0  # [-2, 2]: minus this from the logit of every token the completion holds
+    frequency_penalty: float = 0.0  # [-2, 2]: minus this x the token's count in the completion
+    repetition_penalty: float = 1.0  # > 0: tokens of the prompt or completion: logit / p if > 0, else logit * p
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the completion before this many tokens
+    min_p: float = 0.0  # [0, 1]: sampled requests drop tokens below min_p x the top token's probability
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> [-100, 100], added to its logit
+
+    def adjusts_logits(self) -> bool:
+        """Whether any of the logit adjustments above is not the identity."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.min_tokens
+            or self.logit_bias
+        )
 
 
 def _is_int(v: Any) -> bool:
@@ -126,6 +140,24 @@ def validate_sampling(sp: SamplingParams, vocab_size: int | None = None) -> None
         raise ValueError(f"stop_token_ids must be token ids {limit}, got {sp.stop_token_ids!r}")
     if not isinstance(sp.ignore_eos, bool):
         raise ValueError(f"ignore_eos must be a boolean, got {sp.ignore_eos!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(sp, name)
+        if not _is_number(value) or not -2 <= value <= 2:
+            raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+    if not _is_number(sp.repetition_penalty) or sp.repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be a number > 0 (1 disables it), got {sp.repetition_penalty!r}")
+    if not _is_int(sp.min_tokens) or not 0 <= sp.min_tokens <= sp.max_tokens:
+        raise ValueError(f"min_tokens must be an integer in [0, max_tokens={sp.max_tokens}], got {sp.min_tokens!r}")
+    if not _is_number(sp.min_p) or not 0 <= sp.min_p <= 1:
+        raise ValueError(f"min_p must be a number in [0, 1], got {sp.min_p!r}")
+    if not isinstance(sp.logit_bias, dict):
+        raise ValueError(f"logit_bias must map token ids to numbers, got {sp.logit_bias!r}")
+    for token, bias in sp.logit_bias.items():
+        if not _is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
+            limit = f"in [0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise ValueError(f"logit_bias keys must be token ids {limit}, got {token!r}")
+        if not _is_number(bias) or not -100 <= bias <= 100:
+            raise ValueError(f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}")
     validate_constraint(sp.regex, sp.json_schema)
 
 

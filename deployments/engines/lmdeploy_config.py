@@ -71,6 +71,17 @@ _DTYPES = ("auto", "float16", "bfloat16")
 
 _MAX_TEMPERATURE = 2.0  # GenerationConfig's range
 _MAX_SEED = 2**64  # TurboMind and the PyTorch engine take unsigned 64-bit seeds
+_LMDEPLOY_ENGINES = "turbomind, lmdeploy-pytorch"
+_DEFAULT_SAMPLING = SamplingParams()
+# SamplingParams fields LMDeploy's GenerationConfig cannot carry with Tandem's meaning: field -> why.
+_UNSUPPORTED_SAMPLING = {
+    "presence_penalty": "LMDeploy's GenerationConfig has no presence penalty",
+    "frequency_penalty": "LMDeploy's GenerationConfig has no frequency penalty",
+    # TurboMind ignores GenerationConfig.logits_processors, the PyTorch engine's only route to a bias.
+    "logit_bias": "TurboMind has no logit bias",
+    "repetition_penalty": "LMDeploy drops it from greedy requests, and its PyTorch engine penalizes only the "
+    "completion's tokens, not the prompt's",
+}
 
 
 # -- engine_args --------------------------------------------------------------------------------
@@ -301,7 +312,8 @@ def turbomind_supports(architecture: str) -> bool:
 
 def generation_config(sampling: SamplingParams, vocab_size: int | None = None) -> GenerationConfig:
     """Tandem's SamplingParams -> LMDeploy's GenerationConfig. Raises ValueError for values LMDeploy cannot take
-    (stop token ids at or beyond `vocab_size` among them, when it is given)."""
+    (stop token ids at or beyond `vocab_size` among them, when it is given) and for the knobs it cannot honour
+    (`_UNSUPPORTED_SAMPLING`). min_tokens is min_new_tokens; min_p is sent for sampled requests only."""
     sp = sampling
     _validate_sampling(sp, vocab_size)
     greedy = sp.temperature == 0
@@ -312,12 +324,16 @@ def generation_config(sampling: SamplingParams, vocab_size: int | None = None) -
         temperature=1.0 if greedy else float(sp.temperature),
         top_k=1 if greedy else sp.top_k,  # 0 disables top-k in both LMDeploy engines, as in Tandem
         top_p=1.0 if greedy else float(sp.top_p),
+        min_p=0.0 if greedy else float(sp.min_p),
         random_seed=sp.seed,
         # With ignore_eos LMDeploy drops (TurboMind) or bans (PyTorch engine) every stop id, the ones it derives
         # from stop words included; DeltaMapper then stops on the requested stop strings and ids itself.
         stop_words=None if sp.ignore_eos else list(sp.stop) or None,
         stop_token_ids=None if sp.ignore_eos else list(sp.stop_token_ids) or None,
         ignore_eos=sp.ignore_eos,
+        # Both engines hold back EOS and the stop token ids until then. Under ignore_eos nothing needs holding back
+        # (no stop ids, see _validate_sampling), and TurboMind would still hold EOS.
+        min_new_tokens=None if sp.ignore_eos else sp.min_tokens or None,
         response_format=response_format(sp),
         skip_special_tokens=True,
         # The last output then carries the token that stopped generation: its id is the Delta's stop_reason.
@@ -341,3 +357,14 @@ def _validate_sampling(sp: SamplingParams, vocab_size: int | None) -> None:
         raise ValueError(f"temperature must be in [0, {_MAX_TEMPERATURE}] for LMDeploy engines, got {sp.temperature!r}")
     if sp.seed is not None and not 0 <= sp.seed < _MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, 2**64) for LMDeploy engines, got {sp.seed!r}")
+    for name, unsupported in _UNSUPPORTED_SAMPLING.items():
+        value = getattr(sp, name)
+        if value != getattr(_DEFAULT_SAMPLING, name):
+            raise ValueError(f"{name} is not supported by the LMDeploy engines ({_LMDEPLOY_ENGINES}): {unsupported}, got {value!r}")
+    if sp.min_tokens and sp.ignore_eos and sp.stop_token_ids:
+        # With ignore_eos the adapter sends LMDeploy no stop ids (see generation_config), and the PyTorch engine
+        # skips min_new_tokens altogether: nothing would hold the stop token ids back.
+        raise ValueError(
+            f"min_tokens with ignore_eos and stop_token_ids is not supported by the LMDeploy engines ({_LMDEPLOY_ENGINES}): "
+            "LMDeploy cannot hold stop token ids back while it ignores EOS"
+        )

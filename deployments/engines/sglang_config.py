@@ -38,7 +38,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_running_requests": (lambda v: v >= 1, "a positive integer"),
     "max_total_tokens": (lambda v: v >= 1, "a positive number of tokens"),
 }
-_UNKNOWN_VOCAB = 1 << 31  # for `verify` when the vocabulary size is not known (logit_bias is never sent)
+_UNKNOWN_VOCAB = 1 << 31  # for `verify` when the vocabulary size is not known (validate_sampling then skips logit_bias' bound too)
 
 
 # -- config: engine_args -> ServerArgs -----------------------------------------------------------
@@ -176,16 +176,23 @@ def build_server_args(model_path: str, engine_args: dict, device_count: int):
 
 def sampling_params(sampling: SamplingParams, *, tokenizer=None, vocab_size: int | None = None) -> dict:
     """Tandem's sampling as SGLang's `sampling_params` dict, checked by SGLang's own `SamplingParams`
-    (`__post_init__`, `verify`, and `normalize` when there is a tokenizer or no stop string: SGLang needs
-    one to measure stop strings). Raises ValueError.
+    (`__post_init__`, `verify`, and `normalize` when there is a tokenizer or neither stop strings nor
+    min_new_tokens: SGLang needs one to measure stop strings and to find EOS). Raises ValueError.
 
     top_k 0 (off) is SGLang's -1; `seed` is `sampling_seed` (which SGLang applies only with
-    `enable_deterministic_inference`). Requests with stop strings get `no_stop_trim`, which only keeps SGLang's
-    own streamed text untrimmed: Tandem decodes the output ids itself and cuts stop strings there."""
+    `enable_deterministic_inference`); min_tokens is `min_new_tokens`; logit_bias keys are strings. SGLang's
+    repetition_penalty counts only the completion's tokens, so Tandem's (prompt and completion) is refused.
+    Requests with stop strings get `no_stop_trim`, which only keeps SGLang's own streamed text untrimmed:
+    Tandem decodes the output ids itself and cuts stop strings there."""
     from sglang.srt.sampling.sampling_params import SamplingParams as SGLangSamplingParams
 
     sp = sampling
     validate_sampling(sp, vocab_size)
+    if sp.repetition_penalty != 1.0:
+        raise ValueError(
+            "repetition_penalty is not supported by the sglang engine: SGLang penalizes only the completion's "
+            f"tokens, not the prompt's, got {sp.repetition_penalty!r}"
+        )
 
     params: dict[str, Any] = {
         "max_new_tokens": sp.max_tokens,
@@ -206,11 +213,23 @@ def sampling_params(sampling: SamplingParams, *, tokenizer=None, vocab_size: int
         params["regex"] = sp.regex
     if sp.json_schema is not None:
         params["json_schema"] = sp.json_schema
+    # Penalties and logit_bias apply to greedy requests too (SGLang's greedy is top_k 1 after them); min_p does not.
+    if sp.presence_penalty:
+        params["presence_penalty"] = float(sp.presence_penalty)
+    if sp.frequency_penalty:
+        params["frequency_penalty"] = float(sp.frequency_penalty)
+    # SGLang holds EOS back even under ignore_eos, where it ends nothing; then only stop ids need holding back.
+    if sp.min_tokens and (sp.stop_token_ids or not sp.ignore_eos):
+        params["min_new_tokens"] = sp.min_tokens
+    if sp.min_p and sp.temperature > 0:
+        params["min_p"] = float(sp.min_p)
+    if sp.logit_bias:
+        params["logit_bias"] = {str(token): float(bias) for token, bias in sp.logit_bias.items()}
 
     try:
         check = SGLangSamplingParams(**params)
         check.verify(vocab_size or _UNKNOWN_VOCAB)
-        if tokenizer is not None or not sp.stop:
+        if tokenizer is not None or not (sp.stop or "min_new_tokens" in params):
             check.normalize(tokenizer)
     except (TypeError, ValueError) as e:
         raise ValueError(f"invalid sampling parameters for SGLang: {e}") from None

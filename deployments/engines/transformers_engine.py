@@ -4,8 +4,9 @@ All concurrent requests share ONE batched decode loop: the `ContinuousBatchingMa
 schedules prefill chunks and decode steps of every live request into each forward pass over a paged
 KV cache. This module adds what the manager lacks for serving:
 
-- Per-request sampling (temperature, top-k, top-p, seeds reproducible whatever a request is batched
-  with) and a per-request logits mask (`LogitsMask`: constrained decoding with xgrammar, see
+- Per-request sampling (temperature, min-p, top-k, top-p, seeds reproducible whatever a request is batched
+  with), logit adjustments (logit_bias, min_tokens, repetition / frequency / presence penalties) and a
+  per-request logits mask (`LogitsMask`: constrained decoding with xgrammar, see
   `constraints.py`): `SamplingProcessor`, a CB logits processor of `transformers_sampling.py`, on a manager
   that itself only takes the argmax.
 - Cancellation, prompt log-probs (plain forward passes with the loop paused) and load stats. Text, stop
@@ -41,7 +42,14 @@ from deployments.engines.engine import (
 from deployments.engines import transformers_attention
 from deployments.engines.text import DeltaMapper
 from deployments.engines.transformers_config import resolve_engine_args
-from deployments.engines.transformers_sampling import SLOT_KWARG, LogitsMask, ProcessorList, RequestSlot, SamplingProcessor
+from deployments.engines.transformers_sampling import (
+    SLOT_KWARG,
+    LogitAdjustment,
+    LogitsMask,
+    ProcessorList,
+    RequestSlot,
+    SamplingProcessor,
+)
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -179,6 +187,9 @@ class TransformersEngine(Engine):
             seed=sp.seed if sp.seed is not None else secrets.randbits(63),
             prompt_len=len(prompt_ids),
             logits_mask=logits_mask,
+            # min_tokens holds back the ids the manager stops on, so it never sees one too early.
+            adjustment=LogitAdjustment.for_request(sp, prompt_ids, sorted(terminal_ids)) if sp.adjusts_logits() else None,
+            min_p=float(sp.min_p),
         )
         handle = next(self._handles)
         cb_request_id = f"{request.request_id}#{handle}"  # callers' ids need not be unique

@@ -5,8 +5,11 @@ with `do_sample=False` (argmax) and `SamplingProcessor`, a per-request CB logits
 a sample for the rows that want one: temperature, top-k, top-p, then Gumbel noise drawn from a generator seeded
 by (request seed, token position). argmax(logits / T + Gumbel) is an exact sample of softmax(logits / T), and
 the noise depends on nothing else in the batch, so a seeded request is reproducible whatever it is batched
-with. Rows at temperature 0 are left alone: exact greedy. A request's `LogitsMask` (constrained decoding) is
-applied first, on greedy and sampled rows alike.
+with. Rows at temperature 0 are left alone: exact greedy.
+
+Before sampling, on greedy and sampled rows alike: a request's `LogitAdjustment` (logit_bias, min_tokens,
+repetition / frequency / presence penalties), then its `LogitsMask` (constrained decoding), so that a mask
+always wins. Rows with neither cost nothing extra.
 """
 
 from __future__ import annotations
@@ -41,6 +44,89 @@ class LogitsMask(Protocol):
     def apply(self, logits: torch.Tensor, completion_ids: Sequence[int]) -> None: ...
 
 
+class LogitAdjustment:
+    """A request's logit_bias, penalties and min_tokens, applied in place to its logits row: logit_bias,
+    repetition_penalty (prompt and completion tokens), frequency and presence penalties (completion tokens
+    only), as vLLM orders them; then min_tokens' -inf on the ids that would end the request (the same in
+    any order, and last lets a grammar mask restore them, see `_adjust_and_mask`)."""
+
+    def __init__(
+        self,
+        *,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        min_tokens: int = 0,
+        blocked_ids: Sequence[int] = (),
+        logit_bias: dict[int, float] | None = None,
+        prompt_ids: Sequence[int] = (),
+    ) -> None:
+        self.presence_penalty = float(presence_penalty)
+        self.frequency_penalty = float(frequency_penalty)
+        self.repetition_penalty = float(repetition_penalty)
+        # Nothing to hold back without terminal ids (ignore_eos and no stop_token_ids).
+        self.min_tokens = int(min_tokens) if blocked_ids else 0
+        self.blocked_ids = torch.tensor(sorted(set(blocked_ids)), dtype=torch.long)
+        bias = logit_bias or {}
+        self.bias_ids = torch.tensor(list(bias), dtype=torch.long)
+        self.bias_values = torch.tensor([float(v) for v in bias.values()], dtype=torch.float32)
+        # Only read by the repetition penalty; the completion's repeats need no dedup (each copy gets the same value).
+        self.prompt_ids = torch.tensor(sorted(set(prompt_ids)) if self.repetition_penalty != 1.0 else [], dtype=torch.long)
+        self._device = torch.device("cpu")
+
+    @classmethod
+    def for_request(cls, sampling, prompt_ids: Sequence[int], terminal_ids: Sequence[int]) -> LogitAdjustment | None:
+        """The adjustment of a request's `SamplingParams` (None: it adjusts nothing). `terminal_ids`: the ids
+        that would end it (EOS unless ignore_eos, and its stop_token_ids), held back until min_tokens."""
+        adjustment = cls(
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            min_tokens=sampling.min_tokens,
+            blocked_ids=terminal_ids,
+            logit_bias=sampling.logit_bias,
+            prompt_ids=prompt_ids,
+        )
+        return adjustment if adjustment.is_active else None
+
+    @property
+    def is_active(self) -> bool:
+        return bool(self.needs_completion or self.min_tokens or len(self.bias_ids))
+
+    @property
+    def needs_completion(self) -> bool:
+        """Whether it reads the completion's tokens (the processor then keeps them up to date)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    def blocks(self, position: int) -> bool:
+        return position < self.min_tokens
+
+    def apply(self, logits: torch.Tensor, completion_ids: Sequence[int], position: int) -> None:
+        self.adjust(logits, completion_ids)
+        if self.blocks(position):
+            logits[self.blocked_ids] = -math.inf
+
+    def adjust(self, logits: torch.Tensor, completion_ids: Sequence[int]) -> None:
+        """Everything but min_tokens."""
+        if logits.device != self._device:  # once: the model's device
+            self._device = logits.device
+            for name in ("blocked_ids", "bias_ids", "bias_values", "prompt_ids"):
+                setattr(self, name, getattr(self, name).to(logits.device))
+        if len(self.bias_ids):
+            logits.index_add_(0, self.bias_ids, self.bias_values.to(logits.dtype))
+        if not self.needs_completion:
+            return
+        completion = torch.tensor(completion_ids, dtype=torch.long, device=logits.device)
+        p = self.repetition_penalty
+        if p != 1.0:
+            seen = torch.cat([self.prompt_ids, completion])
+            values = logits[seen]
+            logits[seen] = torch.where(values > 0, values / p, values * p)
+        if (self.frequency_penalty or self.presence_penalty) and len(completion):
+            ids, counts = torch.unique(completion, return_counts=True)
+            logits[ids] -= self.frequency_penalty * counts.to(logits.dtype) + self.presence_penalty
+
+
 @dataclass
 class RequestSlot:
     """What the sampling processor needs to know about one live request."""
@@ -51,9 +137,12 @@ class RequestSlot:
     seed: int
     prompt_len: int
     logits_mask: LogitsMask | None = None
+    adjustment: LogitAdjustment | None = None
+    min_p: float = 0.0  # sampled rows only
     # Written by the processor on the decode-loop thread:
     position: int = 0  # index of the completion token being sampled
-    completion_ids: list[int] = field(default_factory=list)  # only maintained when there is a mask
+    # Only maintained for a mask or an adjustment that reads them:
+    completion_ids: list[int] = field(default_factory=list)
     error: BaseException | None = None
 
 
@@ -88,7 +177,8 @@ class SamplingProcessor(ContinuousBatchingLogitsProcessor):
                 # request (generated tokens then move into initial_tokens).
                 sequence_len = len(state.initial_tokens) + len(state.generated_tokens)
                 slot.position = sequence_len - slot.prompt_len
-                if slot.logits_mask is not None:
+                adjustment = slot.adjustment
+                if slot.logits_mask is not None or (adjustment is not None and adjustment.needs_completion):
                     slot.completion_ids = (state.initial_tokens + state.generated_tokens)[slot.prompt_len :]
             handles.append(handle)
         # Rows past these carry stale arguments (the manager only resets them at start) and their
@@ -103,9 +193,9 @@ class SamplingProcessor(ContinuousBatchingLogitsProcessor):
             slot = self.slots.get(handle)
             if slot is None or slot.error is not None:
                 continue
-            if slot.logits_mask is not None:
+            if slot.adjustment is not None or slot.logits_mask is not None:
                 try:
-                    slot.logits_mask.apply(scores[row], slot.completion_ids)
+                    _adjust_and_mask(scores[row], slot)
                 except Exception as e:  # noqa: BLE001 - fail this request only, never the shared loop
                     slot.error = e
                     continue
@@ -118,11 +208,33 @@ class SamplingProcessor(ContinuousBatchingLogitsProcessor):
         return scores
 
 
+def _adjust_and_mask(logits: torch.Tensor, slot: RequestSlot) -> None:
+    adjustment, mask = slot.adjustment, slot.logits_mask
+    held = None
+    if adjustment is not None:
+        adjustment.adjust(logits, slot.completion_ids)
+        if adjustment.blocks(slot.position):
+            blocked = adjustment.blocked_ids
+            if mask is not None:
+                held = logits[blocked].clone()
+            logits[blocked] = -math.inf
+    if mask is not None:
+        mask.apply(logits, slot.completion_ids)
+        if held is not None and bool(torch.isneginf(logits).all()):
+            # The grammar allows only ids min_tokens holds back (it is complete): the mask wins.
+            logits[blocked] = held
+            mask.apply(logits, slot.completion_ids)  # refills the same mask for a position already seen
+
+
 def gumbel_sample_scores(logits: torch.Tensor, slots: list[RequestSlot]) -> torch.Tensor:
-    """Scores whose argmax is a sample from each row's temperature / top-k / top-p distribution."""
+    """Scores whose argmax is a sample from each row's temperature / min-p / top-k / top-p distribution."""
     vocab, device = logits.size(-1), logits.device
     temperature = torch.tensor([s.temperature for s in slots], dtype=logits.dtype, device=device).unsqueeze(1)
     x = logits / temperature
+    if any(s.min_p > 0 for s in slots):
+        # p < min_p * p_max  <=>  x < x_max + log(min_p), whatever the normalization; log(0) = -inf keeps all.
+        log_min_p = torch.tensor([s.min_p for s in slots], dtype=x.dtype, device=device).log().unsqueeze(1)
+        x = x.masked_fill(x < x.max(dim=-1, keepdim=True).values + log_min_p, -math.inf)
     top_k = torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in slots], device=device)
     if bool((top_k < vocab).any()):
         kth_largest = torch.topk(x, int(top_k.max()), dim=-1).values.gather(1, (top_k - 1).unsqueeze(1))

@@ -136,6 +136,8 @@ class Choice:
         self.completion_tokens = 0
         self.stop_reason = None
         self.first: dict | None = None  # the first delta, received before the response starts
+        self.logprobs: list | None = None  # the engine's log-prob entries, when the request asked for them
+        self.chars = 0  # characters of text so far (completions' logprobs.text_offset)
 
     async def deltas(self) -> AsyncIterator[dict]:
         if self.first is not None:
@@ -144,7 +146,11 @@ class Choice:
             yield delta
 
     def take(self, delta: dict) -> str:
+        """Takes a delta's text, usage, finish and log-probs into the choice; returns its text."""
+        self.chars += len(self.text[-1]) if self.text else 0
         self.text.append(delta["text"])
+        if delta.get("logprobs") is not None:
+            self.logprobs = (self.logprobs or []) + delta["logprobs"]
         self.prompt_tokens = delta["prompt_tokens"]
         self.completion_tokens = delta["completion_tokens"]
         self.finish_reason = delta["finish_reason"] or self.finish_reason

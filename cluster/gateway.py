@@ -177,11 +177,12 @@ async def _sse_choices(renderer: ResponseRenderer, choices: list[Choice], includ
                 yield sse(engine_error(error, prompt_param).body())
                 continue
             text = c.take(delta)
-            if text or delta["finish_reason"]:
-                if text:
-                    yield sse(renderer.chunk(c.index, text=text))
-                if delta["finish_reason"]:
-                    yield sse(renderer.chunk(c.index, text=None if renderer.kind == "chat" else "", finish=delta["finish_reason"]))
+            logprobs = delta.get("logprobs")
+            # Tokens whose text is held back (part of a character) still send their log-probs.
+            if text or logprobs:
+                yield sse(renderer.chunk(c.index, text=text, logprobs=logprobs, text_offset=c.chars))
+            if delta["finish_reason"]:
+                yield sse(renderer.chunk(c.index, text=None if renderer.kind == "chat" else "", finish=delta["finish_reason"]))
         if include_usage:
             yield sse(renderer.usage_chunk(*_usage_totals(choices, n)))
         yield SSE_DONE
@@ -203,7 +204,9 @@ def _render(renderer: ResponseRenderer, req, generation: Generation, prompt_para
     if not req.stream:
         totals = _usage_totals(choices, req.n)
         ticket.done(*totals)
-        result = renderer.full([{"text": "".join(c.text), "finish_reason": c.finish_reason} for c in choices], *totals)
+        result = renderer.full(
+            [{"text": "".join(c.text), "finish_reason": c.finish_reason, "logprobs": c.logprobs} for c in choices], *totals
+        )
         return JSONResponse(result)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     body = _sse_choices(renderer, choices, include_usage, req.n, prompt_param)
@@ -603,6 +606,9 @@ class Gateway:
         (its `question`) and answers with its `answer`; all variables go in the `agent` field."""
         name = req.model.removeprefix(AGENT_MODEL_PREFIX)
         handle = self._agent(tenant, name)
+        if req.logprobs:
+            raise OpenAIError(400, "log-probabilities are not available for agent models: an answer is a whole program's run",
+                              param="logprobs")
         users = [m for m in req.chat_messages() if m["role"] == "user"]
         if not users:
             raise OpenAIError(400, "an agent conversation needs at least one user message", param="messages")

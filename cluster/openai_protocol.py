@@ -19,6 +19,7 @@ from deployments.engines.engine import JSON_OBJECT_SCHEMA
 
 MAX_STOP_SEQUENCES = 4
 MAX_N = 16
+MAX_TOP_LOGPROBS = 20
 
 
 class OpenAIError(Exception):
@@ -107,6 +108,10 @@ class _Request(BaseModel):
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        """Top log-probs per token for the engines (0: the chosen token's only); None: none asked for."""
+        return None
+
     def sampling(self, index: int) -> dict[str, Any]:
         """Sampling kwargs for the base-model deployment; choice `index` of n gets seed + index."""
         s: dict[str, Any] = {
@@ -133,6 +138,8 @@ class _Request(BaseModel):
                 s[name] = getattr(self, name)
         if self.logit_bias:
             s["logit_bias"] = {int(token): bias for token, bias in self.logit_bias.items()}
+        if self.requested_logprobs() is not None:
+            s["logprobs"] = self.requested_logprobs()
         return s
 
 
@@ -280,6 +287,17 @@ def _content_error(messages: list, model: Any) -> OpenAIError | None:
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("logprobs must be set to true if top_logprobs is used")
+        return self
+
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="before")
     @classmethod
@@ -310,6 +328,17 @@ class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    # OpenAI allows 5; like vLLM, Tandem allows as many as chat's top_logprobs.
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _no_echo_logprobs(self):
+        if self.echo and self.logprobs is not None:
+            raise ValueError("logprobs together with echo (the prompt's log-probs) is not supported")
+        return self
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -414,29 +443,57 @@ class ResponseRenderer:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def full(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
-        """choices: [{"text", "finish_reason"}] in index order."""
+        """choices: [{"text", "finish_reason", "logprobs" (the engine's entries, or None)}] in index order."""
         rendered = []
         for i, c in enumerate(choices):
+            logprobs = self.logprobs(c.get("logprobs"))
             if self.kind == "chat":
-                rendered.append({"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": None, "finish_reason": finish_reason(c["finish_reason"])})
+                rendered.append({"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": logprobs, "finish_reason": finish_reason(c["finish_reason"])})
             else:
-                rendered.append({"index": i, "text": c["text"], "logprobs": None, "finish_reason": finish_reason(c["finish_reason"])})
+                rendered.append({"index": i, "text": c["text"], "logprobs": logprobs, "finish_reason": finish_reason(c["finish_reason"])})
         return {**self._base(False), "choices": rendered, "usage": usage(prompt_tokens, completion_tokens)}
 
-    def chunk(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+    def chunk(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False,
+              logprobs: list | None = None, text_offset: int = 0) -> dict:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason(finish)}
+            choice = {"index": index, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason(finish)}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason(finish)}
+            choice = {"index": index, "text": text or "", "logprobs": self.logprobs(logprobs, text_offset), "finish_reason": finish_reason(finish)}
         return {**self._base(True), "choices": [choice]}
+
+    def logprobs(self, entries: list | None, text_offset: int = 0) -> dict | None:
+        """The engine's log-prob entries ([token id, text, logprob, [[id, text, logprob], ...]] per
+        token, see the engine seam's Delta) in OpenAI's shape for this kind of response."""
+        if entries is None:
+            return None
+        if self.kind == "chat":
+            return {"content": [_chat_logprob(e) for e in entries], "refusal": None}
+        offsets = []
+        for _, text, _, _ in entries:
+            offsets.append(text_offset)
+            text_offset += len(text)
+        return {
+            "tokens": [text for _, text, _, _ in entries],
+            "token_logprobs": [logprob for _, _, logprob, _ in entries],
+            "top_logprobs": [{t: lp for _, t, lp in top} for _, _, _, top in entries],
+            "text_offset": offsets,
+        }
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
         return {**self._base(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def _chat_logprob(entry: list) -> dict:
+    _, text, logprob, top = entry
+    return {
+        "token": text, "logprob": logprob, "bytes": list(text.encode()),
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for _, t, lp in top],
+    }
 
 
 def sse(obj: dict | str) -> str:

@@ -46,7 +46,13 @@ def _merge(deltas: list[Delta]) -> Delta:
     if len(deltas) == 1:
         return deltas[0]
     last = deltas[-1]
-    return dataclasses.replace(last, text="".join(d.text for d in deltas), token_ids=[t for d in deltas for t in d.token_ids])
+    logprobs = None if last.logprobs is None else [e for d in deltas for e in (d.logprobs or [])]
+    return dataclasses.replace(
+        last,
+        text="".join(d.text for d in deltas),
+        token_ids=[t for d in deltas for t in d.token_ids],
+        logprobs=logprobs,
+    )
 
 
 class BaseModelServer:
@@ -217,14 +223,17 @@ class BaseModelServer:
         request_id: str | None = None,
         **sampling,
     ) -> dict:
-        text, token_ids, last = [], [], None
+        text, token_ids, logprobs, last = [], [], None, None
         async for delta in self.stream(prompt, messages, prompt_token_ids, request_id, **sampling):
             text.append(delta["text"])
             token_ids += delta["token_ids"]
+            if delta.get("logprobs") is not None:
+                logprobs = (logprobs or []) + delta["logprobs"]
             last = delta
         return {
             "text": "".join(text),
             "token_ids": token_ids,
+            "logprobs": logprobs,  # with sampling logprobs=k: [token id, text, logprob, top] per token id
             "finish_reason": last["finish_reason"],
             "stop_reason": last["stop_reason"],
             "usage": {

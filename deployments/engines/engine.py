@@ -82,6 +82,9 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids cannot end the completion before this many tokens
     min_p: float = 0.0  # [0, 1]: sampled requests drop tokens below min_p x the top token's probability
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> [-100, 100], added to its logit
+    # Log-probabilities of the generated tokens (OpenAI `logprobs` / `top_logprobs`): None: none; 0: the
+    # chosen token's only; k in 1..MAX_LOGPROBS: also the k most likely tokens. See `Delta.logprobs`.
+    logprobs: int | None = None
 
     def adjusts_logits(self) -> bool:
         """Whether any of the logit adjustments above is not the identity."""
@@ -89,6 +92,10 @@ class SamplingParams:
             self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.min_tokens
             or self.logit_bias
         )
+
+
+#: The most alternatives per position a request may ask for (OpenAI's `top_logprobs` limit).
+MAX_LOGPROBS = 20
 
 
 def _is_int(v: Any) -> bool:
@@ -158,6 +165,8 @@ def validate_sampling(sp: SamplingParams, vocab_size: int | None = None) -> None
             raise ValueError(f"logit_bias keys must be token ids {limit}, got {token!r}")
         if not _is_number(bias) or not -100 <= bias <= 100:
             raise ValueError(f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}")
+    if sp.logprobs is not None and (not _is_int(sp.logprobs) or not 0 <= sp.logprobs <= MAX_LOGPROBS):
+        raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {sp.logprobs!r}")
     validate_constraint(sp.regex, sp.json_schema)
 
 
@@ -216,6 +225,15 @@ class Delta:
     The last delta of a request has `finish_reason` set; `prompt_tokens` and `completion_tokens` are
     running totals, so the last delta carries the request's usage. (Every engine builds its deltas with
     `text.DeltaMapper`, which keeps these.)
+
+    `logprobs` is None unless the request asked for them (`SamplingParams.logprobs` not None); then it is a
+    list aligned with `token_ids` (one entry per id, same order, also in a delta whose ids are cut at a stop
+    token), each entry `[token_id, token_text, logprob, top]`: the id, `tokenizer.decode([token_id])` (a piece
+    of a multi-byte character decodes to U+FFFD), its log-probability, and `top`, the `SamplingParams.logprobs`
+    most likely tokens as `[token_id, token_text, logprob]`, most likely first (empty for 0). Log-probabilities
+    are those of the RAW model distribution: log_softmax of the logits before temperature, penalties,
+    logit_bias and grammar masks (vLLM's default "raw_logprobs"), so a greedy request without logit knobs
+    has its token as top[0] with the same logprob. Plain lists, ints, floats and str: Deltas cross processes.
     """
 
     text: str
@@ -225,6 +243,8 @@ class Delta:
     finish_reason: FinishReason | None = None
     # The stop string or stop token id that ended the request, when finish_reason == "stop".
     stop_reason: str | int | None = None
+    # Per-token log-probs, aligned with token_ids, when the request asked for them (see above).
+    logprobs: list | None = None
 
 
 @dataclass

@@ -361,6 +361,9 @@ def _validate_sampling(sp: SamplingParams, vocab_size: int | None) -> None:
         value = getattr(sp, name)
         if value != getattr(_DEFAULT_SAMPLING, name):
             raise ValueError(f"{name} is not supported by the LMDeploy engines ({_LMDEPLOY_ENGINES}): {unsupported}, got {value!r}")
+    if sp.logprobs is not None:
+        # Not mapped to GenerationConfig.logprobs yet.
+        raise ValueError(f"logprobs are not supported by the LMDeploy engines ({_LMDEPLOY_ENGINES}) yet")
     if sp.min_tokens and sp.ignore_eos and sp.stop_token_ids:
         # With ignore_eos the adapter sends LMDeploy no stop ids (see generation_config), and the PyTorch engine
         # skips min_new_tokens altogether: nothing would hold the stop token ids back.

@@ -188,6 +188,8 @@ def sampling_params(sampling: SamplingParams, *, tokenizer=None, vocab_size: int
 
     sp = sampling
     validate_sampling(sp, vocab_size)
+    if sp.logprobs is not None:
+        raise ValueError("logprobs are not supported by the sglang engine yet")
     if sp.repetition_penalty != 1.0:
         raise ValueError(
             "repetition_penalty is not supported by the sglang engine: SGLang penalizes only the completion's "

@@ -102,6 +102,13 @@ class StopStringMatcher:
         return 0
 
 
+def logprob_entry(tokenizer, token_id: int, logprob: float, top_ids: Sequence[int], top_logprobs: Sequence[float]) -> list:
+    """One `Delta.logprobs` entry, `[token_id, token_text, logprob, [[id, text, logprob], ...]]`, its texts
+    `tokenizer.decode([id])` (special tokens included, as vLLM shows them)."""
+    top = [[int(t), tokenizer.decode([int(t)]), float(lp)] for t, lp in zip(top_ids, top_logprobs)]
+    return [int(token_id), tokenizer.decode([int(token_id)]), float(logprob), top]
+
+
 class DeltaMapper:
     """Maps one request's generated token ids, step by step, to `Delta`s: the one place where ids become
     text (with `IncrementalDetokenizer`, so every engine streams the same text for the same tokens), stop
@@ -119,6 +126,9 @@ class DeltaMapper:
     (engines run with ignore_eos do not stop on them): the ids after it are dropped. A stop string ends it
     in the step whose text completes it. Once a Delta has a finish_reason the request is over; when the
     engine had not ended it, the caller aborts it there.
+
+    When the request asked for log-probs (`SamplingParams.logprobs` not None), each `feed` takes them too,
+    one entry per id (see `Delta.logprobs`), and every Delta carries those of its ids, cut like the ids.
     """
 
     def __init__(self, tokenizer, sampling: SamplingParams, prompt_token_ids: Sequence[int]):
@@ -130,14 +140,25 @@ class DeltaMapper:
         self.prompt_tokens = len(prompt_token_ids)
         self.completion_tokens = 0
         self.finished = False
+        self._wants_logprobs = sampling.logprobs is not None
+        self._logprobs: list = []
 
     def feed(
-        self, token_ids: Sequence[int], finish: FinishReason | None = None, matched: str | int | None = None
+        self,
+        token_ids: Sequence[int],
+        finish: FinishReason | None = None,
+        matched: str | int | None = None,
+        logprobs: Sequence | None = None,
     ) -> Delta | None:
-        """The Delta for one step, or None when the step adds nothing (no ids, no text)."""
+        """The Delta for one step, or None when the step adds nothing (no ids, no text). `logprobs`: one
+        entry per id of `token_ids`, required when the request asked for log-probs (ignored otherwise)."""
         if self.finished:
             raise RuntimeError("the request already finished")
         ids = list(token_ids)
+        if self._wants_logprobs:
+            self._logprobs = list(logprobs or [])
+            if len(self._logprobs) != len(ids):
+                raise RuntimeError(f"{len(self._logprobs)} log-prob entries for {len(ids)} token ids")
         cut = next((i for i, t in enumerate(ids) if t in self._stop_ids), None)
         if cut is not None:
             ids = ids[: cut + 1]
@@ -172,7 +193,9 @@ class DeltaMapper:
         return self._delta(text + self._stopper.flush(), ids, finish, stop_reason)
 
     def _delta(self, text: str, ids: list[int], finish: FinishReason | None = None, stop_reason=None) -> Delta:
-        return Delta(text, ids, self.prompt_tokens, self.completion_tokens, finish, stop_reason)
+        # `ids` is always a prefix of the step's ids, so its log-probs are the same prefix.
+        logprobs = self._logprobs[: len(ids)] if self._wants_logprobs else None
+        return Delta(text, ids, self.prompt_tokens, self.completion_tokens, finish, stop_reason, logprobs)
 
     def _holds_stop_string(self, token_id: int) -> bool:
         if not self._stop_strings:

@@ -40,7 +40,7 @@ from deployments.engines.engine import (
     validate_sampling,
 )
 from deployments.engines import transformers_attention
-from deployments.engines.text import DeltaMapper
+from deployments.engines.text import DeltaMapper, logprob_entry
 from deployments.engines.transformers_config import resolve_engine_args
 from deployments.engines.transformers_sampling import (
     SLOT_KWARG,
@@ -190,6 +190,7 @@ class TransformersEngine(Engine):
             # min_tokens holds back the ids the manager stops on, so it never sees one too early.
             adjustment=LogitAdjustment.for_request(sp, prompt_ids, sorted(terminal_ids)) if sp.adjusts_logits() else None,
             min_p=float(sp.min_p),
+            logprobs=sp.logprobs,
         )
         handle = next(self._handles)
         cb_request_id = f"{request.request_id}#{handle}"  # callers' ids need not be unique
@@ -229,7 +230,8 @@ class TransformersEngine(Engine):
                     loop_owns_request = False
                     raise EngineError(f"request {request.request_id} failed in the decode loop: {output.error}")
                 tokens = output.generated_tokens
-                new_ids, emitted = tokens[emitted:], len(tokens)
+                first, new_ids, emitted = emitted, tokens[emitted:], len(tokens)
+                logprobs = self._pop_logprobs(slot, first, emitted) if sp.logprobs is not None else None
                 finish = matched = None
                 if output.is_finished():
                     loop_owns_request = False
@@ -238,7 +240,7 @@ class TransformersEngine(Engine):
                         finish, matched = "stop", tokens[-1]
                     else:
                         finish = "length"
-                delta = mapper.feed(new_ids, finish, matched)
+                delta = mapper.feed(new_ids, finish, matched, logprobs)
                 if delta is not None:
                     yield delta
                     if delta.finish_reason is not None:
@@ -247,6 +249,18 @@ class TransformersEngine(Engine):
             # Consumer gone (aclose, cancellation), stop string, or error: free the request's slot.
             self._processor.slots.pop(handle, None)
             self._release(cb_request_id, cancel=loop_owns_request)
+
+    def _pop_logprobs(self, slot: RequestSlot, start: int, end: int) -> list:
+        """The `Delta.logprobs` entries of completion positions [start, end), which the sampling processor
+        recorded before the manager appended their tokens (keyed by position, so re-prefilled requests keep
+        them aligned). Token texts are decoded here, on the event loop, not on the decode thread."""
+        entries = []
+        for position in range(start, end):
+            entry = slot.logprob_entries.pop(position, None)
+            if entry is None:
+                raise EngineError(f"no log-probs were recorded for completion token {position}")
+            entries.append(logprob_entry(self._tokenizer, *entry))
+        return entries
 
     async def _logits_mask(self, request: GenerationRequest) -> LogitsMask | None:
         """The request's constrained-decoding mask (None: unconstrained): its regex or JSON schema compiled

@@ -10,6 +10,12 @@ with. Rows at temperature 0 are left alone: exact greedy.
 Before sampling, on greedy and sampled rows alike: a request's `LogitAdjustment` (logit_bias, min_tokens,
 repetition / frequency / presence penalties), then its `LogitsMask` (constrained decoding), so that a mask
 always wins. Rows with neither cost nothing extra.
+
+Log-probs (`SamplingParams.logprobs`): for the rows that ask, the processor takes log_softmax of the row's
+logits as they come in (the raw model distribution, before any of the above) and, once the row's final
+scores are computed, records the token the manager will pick (their argmax) with its raw log-prob and the
+row's top-k, in `RequestSlot.logprob_entries` keyed by completion position. Rows that do not ask cost
+nothing extra.
 """
 
 from __future__ import annotations
@@ -139,11 +145,17 @@ class RequestSlot:
     logits_mask: LogitsMask | None = None
     adjustment: LogitAdjustment | None = None
     min_p: float = 0.0  # sampled rows only
+    logprobs: int | None = None  # SamplingParams.logprobs: None records nothing
     # Written by the processor on the decode-loop thread:
     position: int = 0  # index of the completion token being sampled
     # Only maintained for a mask or an adjustment that reads them:
     completion_ids: list[int] = field(default_factory=list)
     error: BaseException | None = None
+    # Only with logprobs: completion position -> (chosen id, its raw log-prob, top ids, their log-probs).
+    # Keyed by position (counted from the full sequence, see `prepare_tensor_args`), so an entry recorded
+    # again after the manager re-prefills an evicted request replaces, never shifts, the others. The
+    # engine pops each entry once its token has arrived.
+    logprob_entries: dict[int, tuple[int, float, list[int], list[float]]] = field(default_factory=dict)
 
 
 class SamplingProcessor(ContinuousBatchingLogitsProcessor):
@@ -189,10 +201,18 @@ class SamplingProcessor(ContinuousBatchingLogitsProcessor):
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         sampled_rows: list[int] = []
         sampled_slots: list[RequestSlot] = []
+        live: list[tuple[int, RequestSlot]] = []
         for row, handle in enumerate(tensor_arg[: self._num_rows].tolist()):
             slot = self.slots.get(handle)
-            if slot is None or slot.error is not None:
-                continue
+            if slot is not None and slot.error is None:
+                live.append((row, slot))
+        logprob_rows = [(row, slot) for row, slot in live if slot.logprobs is not None]
+        raw_logprobs = None
+        if logprob_rows:
+            # The raw distribution: before adjustments, masks and sampling change the rows in place.
+            rows = torch.tensor([row for row, _ in logprob_rows], device=scores.device)
+            raw_logprobs = torch.log_softmax(scores[rows].float(), dim=-1)
+        for row, slot in live:
             if slot.adjustment is not None or slot.logits_mask is not None:
                 try:
                     _adjust_and_mask(scores[row], slot)
@@ -205,7 +225,27 @@ class SamplingProcessor(ContinuousBatchingLogitsProcessor):
         if sampled_rows:
             rows = torch.tensor(sampled_rows, device=scores.device)
             scores[rows] = gumbel_sample_scores(scores[rows], sampled_slots)
+        if logprob_rows:
+            _record_logprobs(scores, raw_logprobs, logprob_rows)
         return scores
+
+
+def _record_logprobs(scores: torch.Tensor, raw_logprobs: torch.Tensor, logprob_rows: list[tuple[int, RequestSlot]]) -> None:
+    """Each row's entry at its slot's position: the manager's pick (the argmax of the final scores) with
+    its raw log-prob, and the row's top-k raw log-probs (most likely first)."""
+    rows = torch.tensor([row for row, _ in logprob_rows], device=scores.device)
+    chosen = scores[rows].argmax(dim=-1)
+    chosen_logprobs = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    k = max(slot.logprobs for _, slot in logprob_rows)
+    if k:
+        top_values, top_ids = raw_logprobs.topk(k, dim=-1)
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for i, (chosen_id, (_, slot)) in enumerate(zip(chosen.tolist(), logprob_rows)):
+        if slot.error is not None:
+            continue
+        n = slot.logprobs
+        top = (top_ids[i][:n], top_values[i][:n]) if n else ([], [])
+        slot.logprob_entries[slot.position] = (chosen_id, chosen_logprobs[i], *top)
 
 
 def _adjust_and_mask(logits: torch.Tensor, slot: RequestSlot) -> None:

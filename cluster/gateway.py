@@ -500,12 +500,15 @@ class Gateway:
             return results if req.is_batch else results[0]
 
         sampling = req.sampling_params.to_tandem()
+        if req.return_logprob:
+            sampling["logprobs"] = req.top_logprobs_num
         ticket, generation = await self._start(tenant, self.sglang_model, [{**p, **sampling} for p in prompts], "text", req.stream)
         choices = generation.choices
 
         def result(c: Choice, rid: str) -> dict:
             finish = sglang_protocol.finish_reason(c.finish_reason, c.stop_reason, c.completion_tokens)
-            return {"text": "".join(c.text), "meta_info": sglang_protocol.meta_info(rid, c.prompt_tokens, c.completion_tokens, finish)}
+            meta = sglang_protocol.meta_info(rid, c.prompt_tokens, c.completion_tokens, finish, **req.logprob_meta(c.logprobs))
+            return {"text": "".join(c.text), "meta_info": meta}
 
         if req.stream:
             async def events():

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from cluster.openai_protocol import OpenAIError
+from cluster.openai_protocol import MAX_TOP_LOGPROBS, OpenAIError
 from deployments.agents import wire
 
 
@@ -146,16 +146,29 @@ class GenerateRequest(BaseModel):
         return [{"prompt_token_ids": x} for x in ids]
 
     def check_supported(self) -> None:
-        if self.top_logprobs_num:
-            raise OpenAIError(400, "top_logprobs_num is not supported", param="top_logprobs_num")
-        if self.return_logprob and self.sampling_params.max_new_tokens:
+        generates = bool(self.sampling_params.max_new_tokens)
+        if self.top_logprobs_num and not (self.return_logprob and generates):
+            raise OpenAIError(400, "top_logprobs_num is supported for generated tokens only (with return_logprob)",
+                              param="top_logprobs_num")
+        if not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS:
+            raise OpenAIError(400, f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs_num}",
+                              param="top_logprobs_num")
+        if self.return_logprob and generates and self.logprob_start_len != -1:
             raise OpenAIError(
                 400,
-                "return_logprob is supported for prompt tokens only (sampling_params.max_new_tokens = 0)",
-                param="return_logprob",
+                "with generation, return_logprob gives the generated tokens' log-probs only: leave logprob_start_len "
+                "at -1 (prompt log-probs come from a prefill-only request, sampling_params.max_new_tokens = 0)",
+                param="logprob_start_len",
             )
         if self.stream and self.is_batch:
             raise OpenAIError(400, "stream is supported for a single prompt only", param="stream")
+
+
+    def logprob_meta(self, entries: list | None) -> dict:
+        """The `meta_info` log-prob fields of a generation (none unless return_logprob)."""
+        if not self.return_logprob:
+            return {}
+        return wire.output_logprobs(entries, self.top_logprobs_num, self.return_text_in_logprobs)
 
 
 # SGLang's rendering of results, shared with the agents' HandleBackend.

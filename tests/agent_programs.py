@@ -82,7 +82,7 @@ def raising(s, question):
 def unsupported(s, question, feature="n"):
     """Asks for an SGLang feature the base model cannot honour."""
     s += sgl.user(question)
-    kwargs = {"n": {"n": 2}, "frequency_penalty": {"frequency_penalty": 0.5}, "logprobs": {"return_logprob": True}}[feature]
+    kwargs = {"n": {"n": 2}, "stop_regex": {"stop_regex": "a+"}}[feature]
     s += sgl.assistant(sgl.gen("answer", max_tokens=4, **kwargs))
 
 

@@ -233,10 +233,8 @@ def test_logit_adjustments_reach_the_base_model():
     [
         ({"n": 2}, "n=2"),
         ({"stop_regex": ["a+"]}, "stop_regex"),
-        ({"return_logprob": True}, "return_logprob"),
         ({"logprob_start_len": 0}, "logprob_start_len"),
-        ({"top_logprobs_num": 3}, "top_logprobs_num"),
-        ({"return_text_in_logprobs": True}, "return_text_in_logprobs"),
+        ({"top_logprobs_num": 3}, "top_logprobs_num without return_logprob"),
         ({"max_new_tokens": 0}, "max_new_tokens=0"),
         ({"dtype": int, "regex": "[0-9]"}, "regex together with dtype"),
     ],
@@ -496,8 +494,25 @@ def test_raising_program_then_next_run_works(agents):
 def test_unsupported_feature_in_program(agents):
     with pytest.raises(AgentProgramError, match=r"sampling parameters n=2 .*s\.fork\(2\)"):
         run(agents, "unsupported", question="Hi", feature="n")
-    with pytest.raises(AgentProgramError, match="return_logprob"):
-        run(agents, "unsupported", question="Hi", feature="logprobs")
+    with pytest.raises(AgentProgramError, match="stop_regex"):
+        run(agents, "unsupported", question="Hi", feature="stop_regex")
+
+
+def test_gen_log_probs_reach_meta_info_as_sglang_gives_them():
+    b = _backend()
+    assert b.sampling_kwargs(_params(return_logprob=True, top_logprobs_num=2))["logprobs"] == 2
+    assert b.sampling_kwargs(_params(return_logprob=True))["logprobs"] == 0
+    assert "logprobs" not in b.sampling_kwargs(_params())
+    entries = [[5, " Paris", -0.25, [[5, " Paris", -0.25], [9, " Rome", -3.0]]]]
+    meta = b._logprob_meta(_params(return_logprob=True, top_logprobs_num=2, return_text_in_logprobs=True), entries)
+    assert meta == {
+        "input_token_logprobs": [], "output_token_logprobs": [[-0.25, 5, " Paris"]],
+        "input_top_logprobs": [], "output_top_logprobs": [[[-0.25, 5, " Paris"], [-3.0, 9, " Rome"]]],
+    }
+    assert b._logprob_meta(_params(return_logprob=True), entries) == {
+        "input_token_logprobs": [], "output_token_logprobs": [[-0.25, 5, None]],
+    }
+    assert b._logprob_meta(_params(), entries) == {}
 
 
 def test_max_calls_limit(agents):

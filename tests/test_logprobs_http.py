@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 import torch
+
+from tests.conftest import API_KEY
 
 MODEL = "tiny-chat"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -107,3 +110,25 @@ def test_handle_callers_get_the_entries_too(model_handle):
     assert answer["text"] == ANSWER
     assert [e[0] for e in answer["logprobs"]] == answer["token_ids"]
     assert all(len(e[3]) == 1 and e[3][0][0] == e[0] for e in answer["logprobs"])
+
+
+def test_sglang_generate_gives_output_logprobs_whole_and_streamed(tandem_app):
+    body = {
+        "text": "The capital of France is", "sampling_params": {"max_new_tokens": 4, "temperature": 0},
+        "return_logprob": True, "top_logprobs_num": 2, "return_text_in_logprobs": True,
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    whole = httpx.post(tandem_app + "/generate", json=body, headers=headers, timeout=60).json()
+    meta = whole["meta_info"]
+    assert len(meta["output_token_logprobs"]) == len(meta["output_top_logprobs"]) == meta["completion_tokens"]
+    assert "".join(t for _, _, t in meta["output_token_logprobs"]).startswith(whole["text"])
+    for (lp, token, text), top in zip(meta["output_token_logprobs"], meta["output_top_logprobs"]):
+        assert len(top) == 2 and top[0] == [lp, token, text]  # greedy: the top token
+    with httpx.stream("POST", tandem_app + "/generate", json={**body, "stream": True}, headers=headers, timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    import json
+
+    last = json.loads(events[-1])["meta_info"]
+    assert last["output_token_logprobs"] == meta["output_token_logprobs"]  # cumulative, as SGLang streams it
+    bad = httpx.post(tandem_app + "/generate", json={**body, "logprob_start_len": 0}, headers=headers, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprob_start_len"

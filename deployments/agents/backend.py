@@ -64,8 +64,10 @@ gen: the sampling parameters exactly as the gateway's /generate maps them (deplo
      top_p, top_k (-1 = off), ignore_eos, regex or json_schema (a JSON string), min_new_tokens,
      min_p, presence / frequency / repetition penalties, logit_bias), plus dtype
      int/float/bool/str (SGLang's REGEX_INT/FLOAT/BOOL/STR).
+     return_logprob (+ top_logprobs_num, return_text_in_logprobs): the generated tokens' log-probs in
+     meta_info (output_token_logprobs / output_top_logprobs, cumulative when streamed), as on /generate.
      Not supported (raise UnsupportedFeatureError): max_tokens 0 or None, n > 1 (use s.fork(n)),
-     stop_regex, return_logprob / logprob_start_len / top_logprobs_num / return_text_in_logprobs, regex together with dtype,
+     stop_regex, logprob_start_len other than -1 on a gen, regex together with dtype,
      images / video, API speculative execution (num_api_spec_tokens).
 select: token_length_normalized (default), greedy_token_selection, unconditional_likelihood_normalized
      and custom ChoicesSamplingMethod subclasses, from the same per-token log-probs an SGLang server
@@ -249,13 +251,13 @@ class HandleBackend(BaseBackend):
             handled.add(name)
             return getattr(sp, name)
 
-        for name in ("return_logprob", "return_text_in_logprobs"):
-            if take(name):
-                raise unsupported(name, "log-probabilities of generated tokens are not returned")
-        if take("logprob_start_len") is not None:
-            raise unsupported("logprob_start_len", "log-probabilities of generated tokens are not returned")
-        if take("top_logprobs_num") not in (None, 0):
-            raise unsupported("top_logprobs_num", "log-probabilities of generated tokens are not returned")
+        # Log-probs of the generated tokens, in meta_info as SGLang's server gives them (`_meta`).
+        return_logprob, top = bool(take("return_logprob")), take("top_logprobs_num") or 0
+        take("return_text_in_logprobs")
+        if take("logprob_start_len") not in (None, -1):
+            raise unsupported("logprob_start_len", "a gen call gives its generated tokens' log-probs only (leave it at -1)")
+        if top and not return_logprob:
+            raise unsupported("top_logprobs_num without return_logprob", f"top_logprobs_num={top}")
 
         # dtype -> SGLang's own regexes, as RuntimeEndpoint._handle_dtype_to_regex does.
         dtype = take("dtype")
@@ -292,7 +294,15 @@ class HandleBackend(BaseBackend):
                 "max_new_tokens",
                 f"max_new_tokens={out['max_tokens']} does not fit the model's context of {self.max_model_len} tokens",
             )
+        if return_logprob:
+            out["logprobs"] = top
         return out
+
+    @staticmethod
+    def _logprob_meta(sp: SglSamplingParams, entries: list | None) -> dict:
+        if not sp.return_logprob:
+            return {}
+        return wire.output_logprobs(entries, sp.top_logprobs_num or 0, bool(sp.return_text_in_logprobs))
 
     def _meta(self, last: dict, call: int, request_id: str, replica: str | None = None) -> dict:
         """SGLang-shaped meta_info from a `complete` result or a `stream` delta."""
@@ -312,7 +322,8 @@ class HandleBackend(BaseBackend):
             request_id = f"{self.session_id}-{call}"
             response = self._handle.complete.remote(prompt=s.text_, request_id=request_id, **kwargs)
             out = self._result(response, f"gen call {call}")
-            return out["text"], self._meta(out, call, request_id, out.get("replica"))
+            meta = self._meta(out, call, request_id, out.get("replica"))
+            return out["text"], {**meta, **self._logprob_meta(sampling_params, out.get("logprobs"))}
         except BaseException as e:
             raise self._record(e)
 
@@ -330,10 +341,12 @@ class HandleBackend(BaseBackend):
                 timer.daemon = True
                 timer.start()
             finished = False
+            entries: list = []  # SGLang's meta_info log-probs are cumulative, like its text
             try:
                 for delta in stream:
                     finished = delta.get("finish_reason") is not None
-                    yield delta["text"], self._meta(delta, call, request_id)
+                    entries += delta.get("logprobs") or []
+                    yield delta["text"], {**self._meta(delta, call, request_id), **self._logprob_meta(sampling_params, entries)}
             except Exception:
                 if self.deadline is not None and time.monotonic() >= self.deadline:
                     raise self._timeout_error(f"streamed gen call {call}") from None

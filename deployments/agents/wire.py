@@ -292,6 +292,25 @@ def finish_reason(reason: str | None, stop_reason: Any, completion_tokens: int |
     return None
 
 
+def output_logprobs(entries: list | None, top_logprobs_num: int, with_text: bool) -> dict:
+    """A generation's log-probs as SGLang's server puts them in `meta_info` (cumulative, like its
+    text), from the base model's `logprobs` entries ([token id, text, logprob, top] per token):
+    `output_token_logprobs` [[logprob, id, text or None], ...] and, with `top_logprobs_num`,
+    `output_top_logprobs` [[[logprob, id, text or None], ...] per token]. Tandem computes no prompt
+    log-probs during a generation: `input_token_logprobs` is empty there (prefill-only requests,
+    `max_new_tokens: 0`, give them)."""
+    entries = entries or []
+    text = (lambda t: t) if with_text else (lambda t: None)
+    out = {
+        "input_token_logprobs": [],
+        "output_token_logprobs": [[lp, token, text(t)] for token, t, lp, _ in entries],
+    }
+    if top_logprobs_num:
+        out["input_top_logprobs"] = []
+        out["output_top_logprobs"] = [[[lp, i, text(t)] for i, t, lp in top] for _, _, _, top in entries]
+    return out
+
+
 def meta_info(rid: str, prompt_tokens: int | None, completion_tokens: int | None, finish: dict | None, **extra) -> dict:
     """SGLang's per-request `meta_info` (the fields its frontend reads), plus Tandem's `extra`."""
     return {

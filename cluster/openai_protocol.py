@@ -284,7 +284,22 @@ def _content_error(messages: list, model: Any) -> OpenAIError | None:
     return None
 
 
-class ChatCompletionRequest(_Request):
+class _RefusesBadContent(BaseModel):
+    """A request with `messages`: content OpenAI would refuse, or that these text-only models cannot
+    take, is a 400 naming it as OpenAI does (`messages[1].content[0].type`): raised at validation, as
+    the OpenAIError itself (pydantic lets exceptions other than ValueError through)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_content(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("messages"), list):
+            error = _content_error(data["messages"], data.get("model"))
+            if error is not None:
+                raise error
+        return data
+
+
+class ChatCompletionRequest(_Request, _RefusesBadContent):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
@@ -298,18 +313,6 @@ class ChatCompletionRequest(_Request):
 
     def requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _check_content(cls, data: Any) -> Any:
-        # Content OpenAI would refuse, or that these text-only models cannot take, is a 400 naming
-        # it as OpenAI does (`messages[1].content[0].type`): raised here, at validation, as the
-        # OpenAIError itself (pydantic lets exceptions other than ValueError through).
-        if isinstance(data, dict) and isinstance(data.get("messages"), list):
-            error = _content_error(data["messages"], data.get("model"))
-            if error is not None:
-                raise error
-        return data
 
     @model_validator(mode="after")
     def _one_max(self):
@@ -359,7 +362,7 @@ class CompletionRequest(_Request):
         return [{"prompt_token_ids": x} for x in p]
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_RefusesBadContent):
     """vLLM's and SGLang's `POST /tokenize`: a prompt, or chat messages rendered by the model's template."""
 
     model_config = ConfigDict(extra="forbid")
@@ -369,15 +372,6 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template adds them)
     add_generation_prompt: bool = True
     return_token_strs: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _check_content(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("messages"), list):
-            error = _content_error(data["messages"], data.get("model"))
-            if error is not None:
-                raise error
-        return data
 
     @model_validator(mode="after")
     def _one_input(self):

@@ -21,7 +21,7 @@ from ray import serve
 
 from deployments import metrics
 from deployments.replica import in_replica
-from deployments.engines.engine import Delta, GenerationRequest, SamplingParams
+from deployments.engines.engine import Delta, GenerationRequest, SamplingParams, off_loop_if_long
 from deployments.engines.registry import create_engine
 from deployments.models.builtin import resolve_model_source
 
@@ -280,10 +280,7 @@ class BaseModelServer:
             special = bool(add_special_tokens)  # default False: the template wrote them
         else:
             text, special = prompt, add_special_tokens is not False
-        if len(text) > 16_384:  # long text off the event loop
-            ids = await asyncio.to_thread(lambda: self.tokenizer(text, add_special_tokens=special)["input_ids"])
-        else:
-            ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        ids = (await off_loop_if_long(len(text), lambda: self.tokenizer(text, add_special_tokens=special)))["input_ids"]
         out = {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": list(ids)}
         if return_token_strs:
             out["token_strs"] = self.tokenizer.convert_ids_to_tokens(ids)

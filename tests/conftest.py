@@ -212,6 +212,18 @@ def tokenizer(model_path):
     return AutoTokenizer.from_pretrained(model_path)
 
 
+@pytest.fixture(scope="module")
+def reference_model(model_path):
+    """The built-in model in plain HF transformers, to check engines' outputs against. One torch thread
+    for this (the main) thread too: on a shared 2-core box, 2-thread OpenMP regions stall whenever
+    the other core is busy, which slows a tiny model's forward passes by 10-100x."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+
 @pytest_asyncio.fixture(scope="module")
 async def engine(model_path):
     from deployments.engines.transformers_engine import TransformersEngine

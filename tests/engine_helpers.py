@@ -13,6 +13,10 @@ def chat_prompt(tokenizer, question: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def chat_prompt_ids(tokenizer, question: str) -> list[int]:
+    return tokenizer(chat_prompt(tokenizer, question))["input_ids"]
+
+
 def record_batch_rows(engine, monkeypatch) -> list[int]:
     """Spy on the engine's sampling processor: the returned list gets the number of rows (requests)
     of every decode step, to show that concurrent requests share forward passes."""

@@ -9,7 +9,6 @@ import pickle
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from deployments.engines import transformers_sampling
 from deployments.engines.engine import Delta, SamplingParams, validate_sampling
@@ -17,20 +16,10 @@ from deployments.engines.lmdeploy_config import generation_config
 from deployments.engines.sglang_config import sampling_params
 from deployments.engines.text import DeltaMapper
 from deployments.engines.transformers_engine import TransformersEngine
-from tests.engine_helpers import chat_prompt, collect, make_request
+from tests.engine_helpers import chat_prompt_ids, collect, make_request
 
 COUNT = "Count from 1 to 20."
 STORY = "Tell me a story."
-
-
-@pytest.fixture(scope="module")
-def reference_model(model_path):
-    torch.set_num_threads(1)  # see test_transformers_engine.py: one thread on the shared 2-core box
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-
-
-def _prompt_ids(tokenizer, question):
-    return tokenizer(chat_prompt(tokenizer, question))["input_ids"]
 
 
 @torch.inference_mode()
@@ -132,7 +121,7 @@ def test_merge_concatenates_logprobs_like_token_ids():
 
 
 async def test_greedy_logprobs_are_the_raw_model_s_and_the_token_is_top_1(engine, reference_model, tokenizer):
-    prompt_ids = _prompt_ids(tokenizer, COUNT)
+    prompt_ids = chat_prompt_ids(tokenizer, COUNT)
     deltas, _, ids = await collect(engine, make_request(ids=prompt_ids, max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=5))
     plain = (await collect(engine, make_request(ids=prompt_ids, max_tokens=16, temperature=0.0, ignore_eos=True)))[2]
     assert ids == plain and len(ids) == 16
@@ -145,7 +134,7 @@ async def test_greedy_logprobs_are_the_raw_model_s_and_the_token_is_top_1(engine
 
 
 async def test_logprobs_0_gives_the_token_s_only_and_none_records_nothing(engine, reference_model, tokenizer, monkeypatch):
-    prompt_ids = _prompt_ids(tokenizer, STORY)
+    prompt_ids = chat_prompt_ids(tokenizer, STORY)
     deltas, _, ids = await collect(engine, make_request(ids=prompt_ids, max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0))
     entries = _entries(deltas)
     assert all(top == [] for *_, top in entries)
@@ -165,7 +154,7 @@ async def test_logprobs_0_gives_the_token_s_only_and_none_records_nothing(engine
 
 
 async def test_sampled_logprobs_follow_the_sampled_tokens(engine, reference_model, tokenizer):
-    prompt_ids = _prompt_ids(tokenizer, STORY)
+    prompt_ids = chat_prompt_ids(tokenizer, STORY)
     sampled = dict(max_tokens=16, temperature=1.0, seed=11, ignore_eos=True)
     deltas, _, ids = await collect(engine, make_request(ids=prompt_ids, logprobs=3, **sampled))
     assert (await collect(engine, make_request(ids=prompt_ids, **sampled)))[2] == ids  # log-probs change no sample
@@ -177,7 +166,7 @@ async def test_sampled_logprobs_follow_the_sampled_tokens(engine, reference_mode
 
 
 async def test_temperature_and_knobs_do_not_change_the_raw_logprobs(engine, reference_model, tokenizer):
-    prompt_ids = _prompt_ids(tokenizer, COUNT)
+    prompt_ids = chat_prompt_ids(tokenizer, COUNT)
     request = make_request(
         ids=prompt_ids, max_tokens=10, temperature=0.7, seed=4, ignore_eos=True, logit_bias={11: 5.0},
         frequency_penalty=1.0, logprobs=2,
@@ -187,7 +176,7 @@ async def test_temperature_and_knobs_do_not_change_the_raw_logprobs(engine, refe
 
 
 async def test_stop_token_and_stop_string_keep_logprobs_aligned(engine, reference_model, tokenizer):
-    prompt_ids = _prompt_ids(tokenizer, "What color is the sky?")
+    prompt_ids = chat_prompt_ids(tokenizer, "What color is the sky?")
     _, _, full_ids = await collect(engine, make_request(ids=prompt_ids, max_tokens=12, temperature=0.0, ignore_eos=True))
     stop_id = full_ids[3]
     cut = full_ids.index(stop_id)
@@ -199,7 +188,7 @@ async def test_stop_token_and_stop_string_keep_logprobs_aligned(engine, referenc
     assert len(_entries(deltas)) == deltas[-1].completion_tokens == cut + 1
     _check_against_reference(_entries(deltas), ids, _reference_logprobs(reference_model, prompt_ids, ids), 1, tokenizer)
 
-    story = _prompt_ids(tokenizer, STORY)
+    story = chat_prompt_ids(tokenizer, STORY)
     _, full_text, _ = await collect(engine, make_request(ids=story, max_tokens=40, temperature=0.0))
     assert "robot" in full_text, full_text
     deltas, text, ids = await collect(engine, make_request(ids=story, max_tokens=40, temperature=0.0, stop=["robot"], logprobs=2))
@@ -212,8 +201,8 @@ async def test_stop_token_and_stop_string_keep_logprobs_aligned(engine, referenc
 
 
 async def test_concurrent_requests_with_and_without_logprobs_match_their_solo_runs(engine, tokenizer):
-    with_lp = make_request(ids=_prompt_ids(tokenizer, COUNT), max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=4)
-    without = make_request(ids=_prompt_ids(tokenizer, STORY), max_tokens=20, temperature=1.0, seed=3, ignore_eos=True)
+    with_lp = make_request(ids=chat_prompt_ids(tokenizer, COUNT), max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=4)
+    without = make_request(ids=chat_prompt_ids(tokenizer, STORY), max_tokens=20, temperature=1.0, seed=3, ignore_eos=True)
     solo = [await collect(engine, r) for r in (with_lp, without)]
     together = await asyncio.gather(*(collect(engine, r) for r in (with_lp, without)))
     for (solo_deltas, _, solo_ids), (deltas, _, ids) in zip(solo, together):
@@ -236,7 +225,7 @@ async def test_logprobs_stay_aligned_when_evicted_requests_are_re_prefilled(mode
     try:
         from deployments.models.corpus import CHAT_PAIRS
 
-        prompts = [_prompt_ids(tokenizer, q) for q, _ in CHAT_PAIRS[:20]]
+        prompts = [chat_prompt_ids(tokenizer, q) for q, _ in CHAT_PAIRS[:20]]
         results = await asyncio.gather(
             *(collect(eng, make_request(ids=p, max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=1)) for p in prompts)
         )

@@ -15,13 +15,6 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWER = "The capital of France is Paris."
 
 
-@pytest.fixture(scope="module")
-def reference_model(model_path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-
-
 def _next_token_logprobs(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from sglang.srt.sampling.sampling_params import SamplingParams as SGLangSamplingParams
-from transformers import AutoModelForCausalLM
 
 from deployments.engines.engine import SamplingParams
 from deployments.engines.lmdeploy_config import generation_config
@@ -18,20 +17,10 @@ from deployments.engines.transformers_sampling import (
     RequestSlot,
     gumbel_sample_scores,
 )
-from tests.engine_helpers import chat_prompt, collect, make_request, record_batch_rows
+from tests.engine_helpers import chat_prompt, chat_prompt_ids, collect, make_request, record_batch_rows
 
 COUNT = "Count from 1 to 20."
 FRANCE = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def reference_model(model_path):
-    torch.set_num_threads(1)  # see test_transformers_engine.py: one thread on the shared 2-core box
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-
-
-def _prompt_ids(tokenizer, question):
-    return tokenizer(chat_prompt(tokenizer, question))["input_ids"]
 
 
 @torch.inference_mode()
@@ -170,7 +159,7 @@ def test_adjustment_applies_bias_penalties_and_min_tokens_in_order():
 
 
 async def test_logit_bias_minus_100_picks_the_second_best_and_plus_100_forces_a_token(engine, reference_model, tokenizer):
-    prompt_ids = _prompt_ids(tokenizer, FRANCE)
+    prompt_ids = chat_prompt_ids(tokenizer, FRANCE)
     top = torch.topk(_first_logits(reference_model, prompt_ids), 2)
     best, second = top.indices.tolist()
     assert top.values[0] - 100 < top.values[1]  # -100 really demotes it below the runner-up
@@ -192,7 +181,7 @@ async def test_logit_bias_minus_100_picks_the_second_best_and_plus_100_forces_a_
 async def test_min_tokens_holds_back_eos_and_keeps_the_answer_s_start(engine, reference_model, tokenizer):
     eos = tokenizer.eos_token_id
     for question, want_finish in ((FRANCE, "length"), ("Say hello.", "stop")):
-        prompt_ids = _prompt_ids(tokenizer, question)
+        prompt_ids = chat_prompt_ids(tokenizer, question)
         _, _, answer = await collect(engine, make_request(ids=prompt_ids, max_tokens=40, temperature=0.0))
         assert answer[-1] == eos
         k = len(answer) - 1  # tokens before EOS
@@ -206,7 +195,7 @@ async def test_min_tokens_holds_back_eos_and_keeps_the_answer_s_start(engine, re
 
 async def test_min_tokens_holds_back_stop_token_ids_too(engine, reference_model, tokenizer):
     eos = tokenizer.eos_token_id
-    prompt_ids = _prompt_ids(tokenizer, "Say hello.")
+    prompt_ids = chat_prompt_ids(tokenizer, "Say hello.")
     dot = tokenizer.encode(".", add_special_tokens=False)[0]
     _, text, ids = await collect(engine, make_request(ids=prompt_ids, max_tokens=20, temperature=0.0, stop_token_ids=[dot]))
     assert (text, ids[-1]) == ("Hello", dot)
@@ -226,7 +215,7 @@ async def test_a_complete_grammar_wins_over_min_tokens(engine, tokenizer):
 
 
 async def test_frequency_and_presence_penalties_count_completion_tokens(engine, reference_model, tokenizer):
-    prompt_ids = _prompt_ids(tokenizer, COUNT)
+    prompt_ids = chat_prompt_ids(tokenizer, COUNT)
     eos = {tokenizer.eos_token_id}
     _, _, plain = await collect(engine, make_request(ids=prompt_ids, max_tokens=30, temperature=0.0))
     outputs = {}
@@ -241,7 +230,7 @@ async def test_frequency_and_presence_penalties_count_completion_tokens(engine, 
 
 
 async def test_repetition_penalty_counts_prompt_and_completion_tokens(engine, reference_model, tokenizer):
-    prompt_ids = _prompt_ids(tokenizer, COUNT)
+    prompt_ids = chat_prompt_ids(tokenizer, COUNT)
     eos = {tokenizer.eos_token_id}
     _, _, plain = await collect(engine, make_request(ids=prompt_ids, max_tokens=20, temperature=0.0))
     for penalty in (3.0, 0.5):

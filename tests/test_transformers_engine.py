@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from deployments.models.corpus import CHAT_PAIRS
 from tests.engine_helpers import chat_prompt, collect, make_request, record_batch_rows
@@ -22,13 +21,9 @@ QUESTIONS = [q for q, _ in CHAT_PAIRS]
 
 
 @pytest.fixture(scope="module")
-def reference_model(model_path):
-    # One torch thread for this (the main) thread too: on a shared 2-core box, 2-thread OpenMP regions
-    # stall whenever the other core is busy, which slows a tiny model's forward passes by 10-100x.
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # decode past EOS, like the engine with ignore_eos
-    return model
+def reference_model(reference_model):
+    reference_model.generation_config.eos_token_id = None  # decode past EOS, like the engine with ignore_eos
+    return reference_model
 
 
 def _hf_greedy(model, tokenizer, prompt, max_new_tokens):

@@ -175,7 +175,7 @@ def validate_sampling(sp: SamplingParams, vocab_size: int | None = None) -> None
 OFF_LOOP_CHARS = 16_384
 
 
-async def _off_loop_if_long(chars: int, fn, *args):
+async def off_loop_if_long(chars: int, fn, *args):
     if chars > OFF_LOOP_CHARS:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)
@@ -377,7 +377,7 @@ class Engine(abc.ABC):
             if self._tokenizer is None:
                 raise EngineError(f"the {self.name} engine has no tokenizer for prompt text")
             self.check_prompt_chars(len(prompt))
-            ids = list((await _off_loop_if_long(len(prompt), self._tokenizer, prompt))["input_ids"])
+            ids = list((await off_loop_if_long(len(prompt), self._tokenizer, prompt))["input_ids"])
         else:
             ids = prompt_token_ids
             if len(ids) > self.max_model_len:
@@ -439,7 +439,7 @@ class Engine(abc.ABC):
             raise EngineError(f"the {self.name} engine has no tokenizer to score text")
         self.check_prompt_chars(len(prompt) + max(len(c) for c in continuations))
         chars = len(prompt) + sum(len(c) for c in continuations)
-        sequences = await _off_loop_if_long(chars, continuation_sequences, self._tokenizer, prompt, list(continuations))
+        sequences = await off_loop_if_long(chars, continuation_sequences, self._tokenizer, prompt, list(continuations))
         for full_ids, _ in sequences:
             self._check_fits(len(full_ids))
         logprobs = await self.prompt_logprobs([ids for ids, _ in sequences])

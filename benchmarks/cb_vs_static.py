@@ -62,7 +62,7 @@ def best_of(repeats: int, run) -> float:
     return min(times)
 
 
-def bench_static(model, tokenizer, inputs: list[list[int]], tokens: int) -> tuple[float, list[list[int]]]:
+def bench_static(model, tokenizer, inputs: list[list[int]], tokens: int, repeats: int) -> tuple[float, list[list[int]]]:
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -78,10 +78,10 @@ def bench_static(model, tokenizer, inputs: list[list[int]], tokens: int) -> tupl
                 do_sample=False, pad_token_id=pad,
             )
 
-    return best_of_args.repeats_fn(run), [row[width:].tolist() for row in out["ids"]]
+    return best_of(repeats, run), [row[width:].tolist() for row in out["ids"]]
 
 
-def bench_cb(model, inputs: list[list[int]], tokens: int, engine_args: dict) -> tuple[float, list[list[int]]]:
+def bench_cb(model, inputs: list[list[int]], tokens: int, engine_args: dict, repeats: int) -> tuple[float, list[list[int]]]:
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=-1)  # -1: never stop early
@@ -94,12 +94,12 @@ def bench_cb(model, inputs: list[list[int]], tokens: int, engine_args: dict) -> 
     def run():
         out["results"] = model.generate_batch(inputs, generation_config=config, continuous_batching_config=cb_config)
 
-    seconds = best_of_args.repeats_fn(run)
+    seconds = best_of(repeats, run)
     by_index = sorted(out["results"].values(), key=lambda r: int(r.request_id.rsplit("_", 1)[-1]) if r.request_id.rsplit("_", 1)[-1].isdigit() else 0)
     return seconds, [list(r.generated_tokens) for r in by_index]
 
 
-def bench_engine(model_path: str, tokenizer, inputs: list[list[int]], tokens: int, engine_args: dict) -> tuple[float, list[list[int]]]:
+def bench_engine(model_path: str, tokenizer, inputs: list[list[int]], tokens: int, engine_args: dict, repeats: int) -> tuple[float, list[list[int]]]:
     from deployments.engines.engine import GenerationRequest, SamplingParams
     from deployments.engines.transformers_engine import TransformersEngine
 
@@ -121,7 +121,7 @@ def bench_engine(model_path: str, tokenizer, inputs: list[list[int]], tokens: in
         try:
             await run()  # warm-up
             times = []
-            for _ in range(best_of_args.repeats):
+            for _ in range(repeats):
                 start = time.perf_counter()
                 await run()
                 times.append(time.perf_counter() - start)
@@ -130,14 +130,6 @@ def bench_engine(model_path: str, tokenizer, inputs: list[list[int]], tokens: in
             await engine.shutdown()
 
     return asyncio.run(main())
-
-
-class best_of_args:  # the run count, set from the command line
-    repeats = 3
-
-    @staticmethod
-    def repeats_fn(run) -> float:
-        return best_of(best_of_args.repeats, run)
 
 
 def main() -> None:
@@ -151,7 +143,6 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["static", "cb", "engine"], choices=["static", "cb", "engine"])
     parser.add_argument("--one-mode", choices=["static", "cb", "engine"], help=argparse.SUPPRESS)  # in a child process
     args = parser.parse_args()
-    best_of_args.repeats = args.repeats
     if args.one_mode is None:
         return run_modes(args)
 
@@ -176,11 +167,11 @@ def main() -> None:
 
     mode = args.one_mode
     if mode == "static":
-        seconds, outputs = bench_static(model, tokenizer, inputs, args.tokens)
+        seconds, outputs = bench_static(model, tokenizer, inputs, args.tokens, args.repeats)
     elif mode == "cb":
-        seconds, outputs = bench_cb(model, inputs, args.tokens, resolved)
+        seconds, outputs = bench_cb(model, inputs, args.tokens, resolved, args.repeats)
     else:
-        seconds, outputs = bench_engine(model_path, tokenizer, inputs, args.tokens, engine_args)
+        seconds, outputs = bench_engine(model_path, tokenizer, inputs, args.tokens, engine_args, args.repeats)
     print(json.dumps({"seconds": seconds, "tokens_per_s": total / seconds, "outputs": outputs, "engine_args": resolved}))
 
 

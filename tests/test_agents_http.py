@@ -196,6 +196,26 @@ def test_runtime_endpoint_stream_and_batch(runtime_endpoint):
     assert [(s["verdict"], s["number"]) for s in states] == [("no", "103"), ("no", "444")]
 
 
+@sgl.function
+def answer_with_logprobs(s, question):
+    s += sgl.user(question)
+    s += sgl.assistant(sgl.gen("answer", max_tokens=32, temperature=0, return_logprob=True, top_logprobs_num=2,
+                               return_text_in_logprobs=True))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_runtime_endpoint_program_gets_generated_logprobs(runtime_endpoint, stream):
+    state = answer_with_logprobs.run(question=QUESTION, backend=runtime_endpoint, stream=stream)
+    if stream:
+        "".join(state.text_iter())
+    assert state["answer"] == ANSWER
+    meta = state.get_meta_info("answer")
+    tokens = meta["output_token_logprobs"]
+    assert len(tokens) == len(meta["output_top_logprobs"]) == meta["completion_tokens"]
+    assert "".join(text for _, _, text in tokens).startswith(ANSWER)
+    assert all(top[0] == entry and len(top) == 2 for entry, top in zip(tokens, meta["output_top_logprobs"]))
+
+
 def test_native_endpoints(tandem_app, runtime_endpoint):
     info = httpx.get(tandem_app + "/get_model_info", headers=AUTH, timeout=30).json()
     assert info["model_path"] == "builtin:tiny-chat" and info["is_generation"] is True

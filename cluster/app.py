@@ -164,6 +164,7 @@ def build(cfg: TandemConfig, base_model: Deployment = BaseModelDeployment, engin
         # Absolute: replicas do not run in the directory the config was read from.
         keys_file=str(Path(cfg.gateway.keys_file).resolve()) if cfg.gateway.keys_file else None,
         limiter=limiter,
+        parsers={m.name: {"tool_call_parser": m.tool_call_parser, "reasoning_parser": m.reasoning_parser} for m in cfg.models},
     )
 
 

@@ -150,6 +150,17 @@ class ModelSpec(ServingSpec):
         ),
     )
     pools: list[PoolSpec] = Field(default_factory=list, description="several pools for this one model name")
+    tool_call_parser: str | None = Field(
+        default="auto",
+        description=(
+            "how tool calls are found in the model's text for tool_choice auto: a parser name as SGLang and LMDeploy "
+            "name them (qwen, hermes, llama3, internlm, deepseekv3, ...), auto (from the chat template) or null (none)"
+        ),
+    )
+    reasoning_parser: str | None = Field(
+        default=None,
+        description="splits <think> reasoning into reasoning_content: deepseek-r1, qwen3, qwen3-thinking; null: none",
+    )
 
     @field_validator("name")
     @classmethod

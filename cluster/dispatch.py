@@ -138,6 +138,7 @@ class Choice:
         self.first: dict | None = None  # the first delta, received before the response starts
         self.logprobs: list | None = None  # the engine's log-prob entries, when the request asked for them
         self.chars = 0  # characters of text so far (completions' logprobs.text_offset)
+        self.token_ids: list[list[int]] = []  # each delta's token ids (reasoning tokens are counted from them)
 
     async def deltas(self) -> AsyncIterator[dict]:
         if self.first is not None:
@@ -149,6 +150,7 @@ class Choice:
         """Takes a delta's text, usage, finish and log-probs into the choice; returns its text."""
         self.chars += len(self.text[-1]) if self.text else 0
         self.text.append(delta["text"])
+        self.token_ids.append(delta["token_ids"])
         if delta.get("logprobs") is not None:
             self.logprobs = (self.logprobs or []) + delta["logprobs"]
         self.prompt_tokens = delta["prompt_tokens"]

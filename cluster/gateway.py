@@ -23,6 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from cluster import sglang_protocol
+from cluster.chat_output import OutputPlan, collect_output, event_chunks, finish_with_calls, forced_call_constraint
 from cluster.cluster_state import ClusterView
 from cluster.dispatch import Choice, Generation, PoolDispatcher, child_call, engine_error
 from cluster.openai_protocol import (
@@ -36,6 +37,7 @@ from cluster.openai_protocol import (
     sse,
 )
 from cluster.config import AGENT_MODEL_PREFIX
+from cluster.parsers import detect_tool_call_parser, get_reasoning_parser
 from cluster.http_limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from cluster.http_metrics import HTTPMetricsMiddleware
 from cluster.tenants import Tenant, TenantGate, Ticket
@@ -136,9 +138,12 @@ def _usage_totals(choices: list[Choice], n: int) -> tuple[int, int]:
     return sum(c.prompt_tokens for c in choices[::n]), sum(c.completion_tokens for c in choices)
 
 
-async def _sse_choices(renderer: ResponseRenderer, choices: list[Choice], include_usage: bool, n: int, prompt_param: str) -> AsyncIterator[str]:
-    """Merge the choices' streams into one SSE stream."""
+async def _sse_choices(renderer: ResponseRenderer, choices: list[Choice], include_usage: bool, n: int, prompt_param: str,
+                       plan: OutputPlan | None = None) -> AsyncIterator[str]:
+    """Merge the choices' streams into one SSE stream; with an active `plan`, each choice's text is
+    split into reasoning, content and tool calls as it streams."""
     queue: asyncio.Queue = asyncio.Queue()
+    parsers = {c.index: plan.new_parser() for c in choices} if plan is not None and plan.active else {}
 
     async def pump(c: Choice):
         try:
@@ -178,13 +183,21 @@ async def _sse_choices(renderer: ResponseRenderer, choices: list[Choice], includ
                 continue
             text = c.take(delta)
             logprobs = delta.get("logprobs")
+            finish = delta["finish_reason"]
+            if parsers:
+                parser = parsers[c.index]
+                events = parser.feed(text, delta["token_ids"]) + (parser.finish() if finish else [])
+                for chunk in event_chunks(renderer, c.index, events, logprobs):
+                    yield sse(chunk)
+                finish = finish and finish_with_calls(finish, plan, parser.calls)
             # Tokens whose text is held back (part of a character) still send their log-probs.
-            if text or logprobs:
+            elif text or logprobs:
                 yield sse(renderer.chunk(c.index, text=text, logprobs=logprobs, text_offset=c.chars))
-            if delta["finish_reason"]:
-                yield sse(renderer.chunk(c.index, text=None if renderer.kind == "chat" else "", finish=delta["finish_reason"]))
+            if finish:
+                yield sse(renderer.chunk(c.index, text=None if renderer.kind == "chat" else "", finish=finish))
         if include_usage:
-            yield sse(renderer.usage_chunk(*_usage_totals(choices, n)))
+            reasoning = sum(p.reasoning_tokens for p in parsers.values()) if plan is not None and plan.reasoning_parser else None
+            yield sse(renderer.usage_chunk(*_usage_totals(choices, n), reasoning))
         yield SSE_DONE
     finally:
         # The client may have gone away: stop generating for it.
@@ -195,7 +208,20 @@ async def _sse_choices(renderer: ResponseRenderer, choices: list[Choice], includ
             cancel_call(c.gen)
 
 
-def _render(renderer: ResponseRenderer, req, generation: Generation, prompt_param: str, ticket: Ticket, echo_texts: list[str] | None = None):
+def _whole_choice(c: Choice, plan: OutputPlan | None) -> tuple[dict, int]:
+    """A collected choice as `ResponseRenderer.full` takes it, split by `plan`; and its reasoning tokens."""
+    out = {"text": "".join(c.text), "finish_reason": c.finish_reason, "logprobs": c.logprobs}
+    if plan is None or not plan.active:
+        return out, 0
+    parser = plan.new_parser()
+    events = [e for text, ids in zip(c.text, c.token_ids) for e in parser.feed(text, ids)] + parser.finish()
+    content, reasoning, calls = collect_output(events)
+    finish = finish_with_calls(c.finish_reason, plan, len(calls))
+    return {**out, "text": content, "reasoning": reasoning, "tool_calls": calls, "finish_reason": finish}, parser.reasoning_tokens
+
+
+def _render(renderer: ResponseRenderer, req, generation: Generation, prompt_param: str, ticket: Ticket,
+            echo_texts: list[str] | None = None, plan: OutputPlan | None = None):
     """A completion's response: the whole answer (`generation` was collected) or an SSE stream."""
     choices = generation.choices
     if echo_texts:
@@ -204,12 +230,11 @@ def _render(renderer: ResponseRenderer, req, generation: Generation, prompt_para
     if not req.stream:
         totals = _usage_totals(choices, req.n)
         ticket.done(*totals)
-        result = renderer.full(
-            [{"text": "".join(c.text), "finish_reason": c.finish_reason, "logprobs": c.logprobs} for c in choices], *totals
-        )
-        return JSONResponse(result)
+        whole = [_whole_choice(c, plan) for c in choices]
+        reasoning = sum(tokens for _, tokens in whole) if plan is not None and plan.reasoning_parser else None
+        return JSONResponse(renderer.full([out for out, _ in whole], *totals, reasoning))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    body = _sse_choices(renderer, choices, include_usage, req.n, prompt_param)
+    body = _sse_choices(renderer, choices, include_usage, req.n, prompt_param, plan)
     if echo_texts:
         # Echoed prompts go out first, as their own chunks.
         async def with_echo(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -236,6 +261,7 @@ class Gateway:
         max_concurrent_requests: int | None = None,
         keys_file: str | None = None,
         limiter: DeploymentHandle | None = None,
+        parsers: dict[str, dict[str, str | None]] | None = None,
     ):
         # Read by the middlewares (cluster/http_limits.py).
         app.state.max_request_bytes = max_request_bytes
@@ -246,6 +272,12 @@ class Gateway:
         self.agents = agents or {}
         self.created = int(time.time())
         self._max_model_len: dict[str, int] = {}  # model -> context length, from its replicas (see _context_lengths)
+        # model -> {"tool_call_parser", "reasoning_parser"} from the config; `auto` is resolved from
+        # the chat template (asked of a replica once) and kept in _tool_parsers, with the reasoning
+        # end tag's token ids in _think_end_ids.
+        self.parsers = parsers or {}
+        self._tool_parsers: dict[str, str | None] = {}
+        self._think_end_ids: dict[str, tuple[int, ...]] = {}
         self.request_timeout_s = request_timeout_s
         # The model behind SGLang's native API (an SGLang server serves exactly one).
         self.sglang_model = sglang_model or next(iter(models))
@@ -406,17 +438,65 @@ class Gateway:
         (out,) = await self.dispatcher.call_each(req.model, "detokenize", [{"tokens": req.tokens}], "tokens")
         return out
 
+    async def _output_plan(self, req: ChatCompletionRequest) -> OutputPlan:
+        """How this request's answers are split (cluster/chat_output.py). tool_choice "auto" needs the
+        model's tool-call parser: without one it is a 400, as vLLM answers it."""
+        config = self.parsers.get(req.model, {})
+        reasoning = config.get("reasoning_parser")
+        choice = req.effective_tool_choice()
+        tool_parser = None
+        if choice != "none":
+            tool_parser = await self._tool_call_parser(req.model, config.get("tool_call_parser"))
+            if tool_parser is None and choice == "auto":
+                raise OpenAIError(
+                    400, f"The model '{req.model}' has no tool-call parser, so tool_choice 'auto' cannot find calls in its "
+                    "text: set tool_call_parser for it in the config (its chat template names no known format), or "
+                    "force a call with tool_choice 'required' or a named function.", param="tool_choice",
+                )
+        forced = choice if choice not in ("auto", "none") else None
+        enable_thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+        return OutputPlan(
+            tool_parser=tool_parser, forced=forced, reasoning_parser=reasoning, enable_thinking=enable_thinking,
+            max_calls=1 if req.parallel_tool_calls is False else None,
+            think_end_ids=await self._think_end_tokens(req.model, reasoning) if reasoning else (),
+        )
+
+    async def _tool_call_parser(self, model: str, configured: str | None) -> str | None:
+        """The configured parser; for `auto`, the family the model's chat template names (asked once)."""
+        if configured != "auto":
+            return configured
+        if model not in self._tool_parsers:
+            info = await child_call(self.dispatcher.handle(model).model_info)
+            self._tool_parsers[model] = detect_tool_call_parser(info.get("chat_template") or "")
+        return self._tool_parsers[model]
+
+    async def _think_end_tokens(self, model: str, reasoning_parser: str) -> tuple[int, ...]:
+        """The token ids of the reasoning parser's end tag in this model's vocabulary (asked once)."""
+        if model not in self._think_end_ids:
+            tag = get_reasoning_parser(reasoning_parser).think_end
+            (out,) = await self.dispatcher.call_each(model, "tokenize", [{"prompt": tag, "add_special_tokens": False}], "messages")
+            self._think_end_ids[model] = tuple(out["tokens"])
+        return self._think_end_ids[model]
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         tenant, req = await self._parse(request, ChatCompletionRequest)
         if req.model.startswith(AGENT_MODEL_PREFIX):
             return await self._agent_chat(tenant, req)
         self._check_model(tenant, req.model)
-        messages = req.chat_messages()
-        jobs = [{"messages": messages, **req.sampling(i)} for i in range(req.n)]
+        plan = await self._output_plan(req)
+        template: dict[str, Any] = {"messages": req.chat_messages()}
+        if req.template_tools():
+            template["tools"] = req.template_tools()
+        if req.chat_template_kwargs:
+            template["chat_template_kwargs"] = req.template_kwargs()
+        constraint, opener = forced_call_constraint(req, plan.tool_parser)
+        if opener:
+            template["assistant_prefix"] = opener
+        jobs = [{**template, **req.sampling(i), **constraint} for i in range(req.n)]
         renderer = ResponseRenderer("chat", req.model)
         ticket, generation = await self._start(tenant, req.model, jobs, "messages", req.stream)
-        return _render(renderer, req, generation, "messages", ticket)
+        return _render(renderer, req, generation, "messages", ticket, plan=plan)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -612,6 +692,8 @@ class Gateway:
         if req.logprobs:
             raise OpenAIError(400, "log-probabilities are not available for agent models: an answer is a whole program's run",
                               param="logprobs")
+        if req.tools:
+            raise OpenAIError(400, "agent models take no tools: the program makes its own generation calls", param="tools")
         users = [m for m in req.chat_messages() if m["role"] == "user"]
         if not users:
             raise OpenAIError(400, "an agent conversation needs at least one user message", param="messages")

@@ -193,19 +193,67 @@ def _content_is_required(schema: dict[str, Any]) -> None:
     schema["required"] = [*schema.get("required", []), "content"]
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: takes no arguments
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: _FunctionName
+
+
+class _CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # a JSON object, as a string (OpenAI's shape)
+
+
+class AssistantToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: _CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_content_is_required)
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     # A list's parts are checked first by ChatCompletionRequest._check_content (OpenAI's messages).
     content: str | Annotated[list[TextContentPart], Field(min_length=1)] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call they answer
+    # An earlier answer's reasoning, as vLLM and SGLang take it back (templates may render or drop it).
+    reasoning_content: str | None = None
 
     @model_validator(mode="after")
     def _content_given(self):
         # OpenAI refuses a message without content (null or missing); only an assistant message
-        # with tool_calls may leave it out, and Tandem does not take tool_calls yet.
-        if self.content is None:
+        # with tool_calls may leave it out.
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"content is required for a {self.role!r} message (got null or nothing)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls are only allowed on assistant messages, not on a {self.role!r} message")
+        if (self.tool_call_id is None) == (self.role == "tool"):
+            raise ValueError("tool_call_id is required on tool messages, and only allowed there")
+        if self.reasoning_content is not None and self.role != "assistant":
+            raise ValueError("reasoning_content is only allowed on assistant messages")
         return self
 
     def text(self) -> str:
@@ -304,6 +352,16 @@ class ChatCompletionRequest(_Request, _RefusesBadContent):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Extension (vLLM, SGLang): extra variables for the chat template, e.g. {"enable_thinking": false}.
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _tools_consistent(self):
+        _check_tools(self)
+        return self
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -325,6 +383,22 @@ class ChatCompletionRequest(_Request, _RefusesBadContent):
 
     def chat_messages(self) -> list[dict]:
         return chat_message_dicts(self.messages)
+
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: "auto" with tools, "none" without."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools the chat template renders: none for tool_choice "none" (as SGLang does: the model
+        is not shown tools it may not call)."""
+        if not self.tools or self.effective_tool_choice() == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return dict(self.chat_template_kwargs or {})
 
 
 class CompletionRequest(_Request):
@@ -372,18 +446,24 @@ class TokenizeRequest(_RefusesBadContent):
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template adds them)
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    tools: list[ToolDefinition] | None = None  # rendered by the chat template, as chat requests' are
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        if self.prompt is not None and (self.tools or self.chat_template_kwargs):
+            raise ValueError("tools and chat_template_kwargs go with messages")
         return self
 
     def job(self) -> dict[str, Any]:
         """The base-model deployment's `tokenize` keyword arguments."""
         job: dict[str, Any] = {"add_special_tokens": self.add_special_tokens, "return_token_strs": self.return_token_strs}
         if self.messages is not None:
-            return {**job, "messages": chat_message_dicts(self.messages), "add_generation_prompt": self.add_generation_prompt}
+            tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+            return {**job, "messages": chat_message_dicts(self.messages), "add_generation_prompt": self.add_generation_prompt,
+                    "tools": tools, "chat_template_kwargs": self.chat_template_kwargs}
         return {**job, "prompt": self.prompt}
 
 
@@ -395,9 +475,85 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+# Template variables the gateway sets itself; chat_template_kwargs may not override them.
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "documents", "add_generation_prompt", "tokenize", "conversation",
+                            "continue_final_message", "return_dict", "chat_template")
+
+
+def _check_tools(req: ChatCompletionRequest) -> None:
+    """What OpenAI checks of tools, tool_choice and the tool turns of the history, each a 400 naming
+    its field (raised as the OpenAIError itself: pydantic passes it through)."""
+    from jsonschema import SchemaError, validators
+
+    names = [t.function.name for t in req.tools or []]
+    for i, tool in enumerate(req.tools or []):
+        schema = tool.function.parameters
+        if schema is None:
+            continue
+        where = f"tools[{i}].function.parameters"
+        try:
+            validators.validator_for(schema).check_schema(schema)
+        except SchemaError as e:
+            path = "".join(f"[{p!r}]" for p in e.path)
+            raise OpenAIError(400, f"Invalid schema for function '{tool.function.name}': {where}{path}: {e.message}",
+                              param=where, code="invalid_function_parameters") from None
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise OpenAIError(400, f"Function names must be unique; repeated: {', '.join(dupes)}", param="tools")
+    if req.tool_choice is not None and not req.tools:
+        raise OpenAIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+                          param="tool_choice")
+    if isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.function.name not in names:
+        raise OpenAIError(
+            400, f"Invalid value for 'tool_choice': no function named '{req.tool_choice.function.name}' in 'tools' "
+            f"(functions: {', '.join(names)}).", param="tool_choice.function.name",
+        )
+    if req.parallel_tool_calls is not None and not req.tools:
+        raise OpenAIError(400, "'parallel_tool_calls' is only allowed when 'tools' are specified.", param="parallel_tool_calls")
+    bad = sorted(set(req.chat_template_kwargs or {}) & set(RESERVED_TEMPLATE_KWARGS))
+    if bad:
+        raise OpenAIError(400, f"chat_template_kwargs may not set {', '.join(bad)}: the gateway sets them",
+                          param="chat_template_kwargs")
+    called: set[str] = set()
+    for i, m in enumerate(req.messages):
+        for j, call in enumerate(m.tool_calls or []):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                where = f"messages[{i}].tool_calls[{j}].function.arguments"
+                raise OpenAIError(400, f"Invalid '{where}': expected a JSON object as a string, got {call.function.arguments!r}.",
+                                  param=where)
+            called.add(call.id)
+        if m.role == "tool" and m.tool_call_id not in called:
+            where = f"messages[{i}].tool_call_id"
+            raise OpenAIError(
+                400, f"Invalid '{where}': no earlier assistant message has a tool call with id '{m.tool_call_id}'. "
+                "A 'tool' message must answer a call in 'tool_calls' of an assistant message before it.",
+                param=where,
+            )
+
+
 def chat_message_dicts(messages: list[ChatMessage]) -> list[dict]:
-    # "developer" is OpenAI's newer name for the system role.
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    """Messages as chat templates take them. "developer" is OpenAI's newer name for the system role;
+    a call's arguments are an object (HF templates write them with `tojson`), as vLLM passes them."""
+    out = []
+    for m in messages:
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            d["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            d["name"] = m.name
+        if m.reasoning_content is not None:
+            d["reasoning_content"] = m.reasoning_content
+        out.append(d)
+    return out
 
 
 ChatCompletionRequest.model_rebuild()
@@ -412,8 +568,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> dict:
+    """OpenAI's usage; `reasoning_tokens` (the completion's tokens spent thinking) when the model's
+    output is split into reasoning and content."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return out
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -436,25 +597,37 @@ class ResponseRenderer:
             obj = "chat.completion.chunk"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
-        """choices: [{"text", "finish_reason", "logprobs" (the engine's entries, or None)}] in index order."""
+    def full(self, choices: list[dict], prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> dict:
+        """choices: [{"text", "finish_reason", "logprobs" (the engine's entries, or None)}] in index order;
+        chat choices may add "reasoning" (text) and "tool_calls" (OpenAI's entries)."""
         rendered = []
         for i, c in enumerate(choices):
             logprobs = self.logprobs(c.get("logprobs"))
             if self.kind == "chat":
-                rendered.append({"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": logprobs, "finish_reason": finish_reason(c["finish_reason"])})
+                message: dict[str, Any] = {"role": "assistant", "content": c["text"]}
+                if c.get("tool_calls"):
+                    message["tool_calls"] = c["tool_calls"]
+                    message["content"] = c["text"] or None  # OpenAI: null content beside calls
+                if c.get("reasoning") is not None:
+                    message["reasoning_content"] = c["reasoning"]
+                rendered.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish_reason(c["finish_reason"])})
             else:
                 rendered.append({"index": i, "text": c["text"], "logprobs": logprobs, "finish_reason": finish_reason(c["finish_reason"])})
-        return {**self._base(False), "choices": rendered, "usage": usage(prompt_tokens, completion_tokens)}
+        return {**self._base(False), "choices": rendered, "usage": usage(prompt_tokens, completion_tokens, reasoning_tokens)}
 
     def chunk(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False,
-              logprobs: list | None = None, text_offset: int = 0) -> dict:
+              logprobs: list | None = None, text_offset: int = 0, reasoning: str | None = None,
+              tool_calls: list[dict] | None = None) -> dict:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
+            if reasoning is not None:
+                delta["reasoning_content"] = reasoning
             if text is not None:
                 delta["content"] = text
+            if tool_calls is not None:
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason(finish)}
         else:
             choice = {"index": index, "text": text or "", "logprobs": self.logprobs(logprobs, text_offset), "finish_reason": finish_reason(finish)}
@@ -478,8 +651,8 @@ class ResponseRenderer:
             "text_offset": offsets,
         }
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return {**self._base(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> dict:
+        return {**self._base(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens, reasoning_tokens)}
 
 
 def _chat_logprob(entry: list) -> dict:

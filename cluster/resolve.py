@@ -30,6 +30,7 @@ from cluster.config import (
     format_pydantic_error,
     validate_args,
 )
+from cluster.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
 from cluster.tenants import load_keys_file
 from deployments.engines import registry
 from deployments.models.builtin import read_model_config
@@ -141,6 +142,7 @@ def _semantic_problems(cfg: TandemConfig, root: str) -> list[str]:
     """Checks that need the whole config, the model's config.json or the engine libraries."""
     problems = []
     for i, m in enumerate(cfg.models):
+        problems += _parser_problems(m, f"{root}models[{i}]")
         for j, plan in enumerate(model_pools(m)):
             path = f"{root}models[{i}]" + (f".pools[{j}]" if m.pools else "")
             problems += _serving_problems(plan, path)
@@ -159,6 +161,18 @@ def _semantic_problems(cfg: TandemConfig, root: str) -> list[str]:
             load_keys_file(cfg.gateway.keys_file)
         except ValueError as e:
             problems.append(f"{root}gateway.keys_file: {e}")
+    return problems
+
+
+def _parser_problems(m: ModelSpec, path: str) -> list[str]:
+    """The output parsers are named in the config (a leaf that cannot import them): checked here."""
+    problems = []
+    if m.tool_call_parser not in (None, "auto") and m.tool_call_parser not in TOOL_CALL_PARSERS:
+        problems.append(f"{path}.tool_call_parser: unknown parser {m.tool_call_parser!r}; allowed: "
+                        f"{', '.join(sorted(TOOL_CALL_PARSERS))}, auto (from the chat template) or null")
+    if m.reasoning_parser is not None and m.reasoning_parser not in REASONING_PARSERS:
+        problems.append(f"{path}.reasoning_parser: unknown parser {m.reasoning_parser!r}; allowed: "
+                        f"{', '.join(sorted(REASONING_PARSERS))} or null")
     return problems
 
 

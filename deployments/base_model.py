@@ -96,22 +96,31 @@ class BaseModelServer:
 
     # -- prompt rendering ------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Messages -> prompt text through the model's own chat template."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    chat_template_kwargs: dict[str, Any] | None = None) -> str:
+        """Messages -> prompt text through the model's own chat template, which also renders `tools`
+        (OpenAI function tools) and takes `chat_template_kwargs` (e.g. enable_thinking)."""
         if not messages:
             raise ValueError("messages must contain at least one message")
         if self.tokenizer.chat_template is None:
             raise ValueError(f"model {self.model_name!r} has no chat template; use the completions API")
         # Refuse what cannot fit before rendering megabytes through the template.
         self.engine.check_prompt_chars(sum(len(m.get("content") or "") for m in messages if isinstance(m, dict)))
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt,
+            **(chat_template_kwargs or {}),
+        )
 
-    def _request(self, prompt, messages, prompt_token_ids, request_id, sampling: dict) -> GenerationRequest:
+    def _request(self, prompt, messages, prompt_token_ids, request_id, sampling: dict, tools=None,
+                 chat_template_kwargs=None, assistant_prefix=None) -> GenerationRequest:
         given = [x is not None for x in (prompt, messages, prompt_token_ids)]
         if sum(given) != 1:
             raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
+        if (tools is not None or chat_template_kwargs is not None or assistant_prefix is not None) and messages is None:
+            raise ValueError("tools, chat_template_kwargs and assistant_prefix go with messages (they are chat template inputs)")
         if messages is not None:
-            prompt = self.render_chat(messages)
+            # assistant_prefix: the start of the answer, written by the caller (a forced tool call's opener).
+            prompt = self.render_chat(messages, tools=tools, chat_template_kwargs=chat_template_kwargs) + (assistant_prefix or "")
         return GenerationRequest(
             request_id=request_id or uuid.uuid4().hex,
             sampling=sampling_from_kwargs(sampling),
@@ -128,9 +137,12 @@ class BaseModelServer:
         messages: list[dict] | None = None,
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        assistant_prefix: str | None = None,
         **sampling,
     ) -> AsyncIterator[dict]:
-        request = self._request(prompt, messages, prompt_token_ids, request_id, sampling)
+        request = self._request(prompt, messages, prompt_token_ids, request_id, sampling, tools, chat_template_kwargs, assistant_prefix)
         deltas = self.engine.generate(request)
         if self.stream_interval_s <= 0 and self.stream_chunks_per_s <= 0:
             try:
@@ -221,10 +233,15 @@ class BaseModelServer:
         messages: list[dict] | None = None,
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        assistant_prefix: str | None = None,
         **sampling,
     ) -> dict:
         text, token_ids, logprobs, last = [], [], None, None
-        async for delta in self.stream(prompt, messages, prompt_token_ids, request_id, **sampling):
+        async for delta in self.stream(
+            prompt, messages, prompt_token_ids, request_id, tools, chat_template_kwargs, assistant_prefix, **sampling
+        ):
             text.append(delta["text"])
             token_ids += delta["token_ids"]
             if delta.get("logprobs") is not None:
@@ -269,14 +286,15 @@ class BaseModelServer:
 
     async def tokenize(
         self, prompt: str | None = None, messages: list[dict] | None = None, add_special_tokens: bool | None = None,
-        add_generation_prompt: bool = True, return_token_strs: bool = False,
+        add_generation_prompt: bool = True, return_token_strs: bool = False, tools: list[dict] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> dict:
         """vLLM's / SGLang's `/tokenize`: a prompt's token ids as generation would see them (messages
         through the chat template, whose text already holds its special tokens)."""
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of prompt or messages")
         if messages is not None:
-            text = self.render_chat(messages, add_generation_prompt)
+            text = self.render_chat(messages, add_generation_prompt, tools, chat_template_kwargs)
             special = bool(add_special_tokens)  # default False: the template wrote them
         else:
             text, special = prompt, add_special_tokens is not False
@@ -310,6 +328,7 @@ class BaseModelServer:
             "max_model_len": self.engine.max_model_len,
             "source": self.source,
             "replica": self.replica_id,
+            "chat_template": self.tokenizer.chat_template,  # the gateway finds the tool-call format in it
         }
 
     # -- Serve hooks -----------------------------------------------------------------------------

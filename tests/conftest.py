@@ -27,6 +27,9 @@ TEST_APP_ARGS = {
             # of one agent run must stay on one of them.
             "accelerator": {"kind": "cpu", "cpus": 0.3},
             "replicas": {"min": 3, "max": 3},
+            # As cluster.yaml: tool calls found by the format its chat template names, <think> split off.
+            "tool_call_parser": "auto",
+            "reasoning_parser": "qwen3",
         },
         {
             "name": "tiny-chat-b",
@@ -34,6 +37,7 @@ TEST_APP_ARGS = {
             "engine": "transformers",
             "accelerator": {"kind": "cpu", "cpus": 0.25},
             "replicas": {"min": 1, "max": 1},
+            "tool_call_parser": None,  # no parser: tool_choice "auto" is refused
         },
     ],
     # The built-in SGLang programs, as cluster.yaml registers them.

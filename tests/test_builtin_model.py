@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from deployments.models import builtin as builtin_models
+from deployments.models import corpus
 from deployments.models.builtin import (
     BUILTIN_MODELS,
     COMPLETE_MARKER,
@@ -187,7 +188,84 @@ def test_chat_template(tokenizer):
     assert rendered == expected + "<|im_start|>assistant\n"
 
 
+def test_chat_template_renders_tools_calls_and_results_as_qwen_does(tokenizer):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
+            {"id": "c2", "type": "function", "function": {"name": "f", "arguments": {"x": "é"}}},
+        ]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": "43"}]},
+    ]
+    expected = (
+        "<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\n"
+        '{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}\n</tools><|im_end|>\n'
+        "<|im_start|>user\nHi<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+        '\n<tool_call>\n{"name": "f", "arguments": {"x": "é"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n42\n</tool_response>\n<tool_response>\n43\n</tool_response><|im_end|>\n"
+    )
+    assert tokenizer.apply_chat_template(messages, tools=tools, tokenize=False) == expected
+    # Without a system message the tools still get a system turn of their own.
+    alone = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tools=tools, tokenize=False)
+    assert alone.startswith("<|im_start|>system\n# Tools\n<tools>\n") and alone.endswith("<|im_start|>user\nHi<|im_end|>\n")
+
+
+def test_chat_template_enable_thinking_false_closes_an_empty_think_block(tokenizer):
+    messages = [{"role": "user", "content": "Hi"}]
+    on = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    off = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert off == on + "<think>\n\n</think>\n\n"
+
+
+def test_tag_tokens_are_single_tokens_that_decoding_keeps(tokenizer):
+    for tag in builtin_models.TAG_TOKENS:
+        ids = tokenizer.encode(f"a{tag}b", add_special_tokens=False)
+        assert tokenizer.convert_tokens_to_ids(tag) in ids and len(tokenizer.encode(tag, add_special_tokens=False)) == 1
+        assert tokenizer.decode(ids, skip_special_tokens=True) == f"a{tag}b"  # not special: engines stream them
+
+
 # --- the trained model ---------------------------------------------------------------------------------
+
+
+def _greedy_text(model, tokenizer, messages, **template) -> str:
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True, **template)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
+
+
+@pytest.mark.parametrize("tools", range(len(corpus.WEATHER_TOOLS)))
+@pytest.mark.parametrize("city", ["Paris", "Tokyo", *corpus.MORE_WEATHER_CITIES])
+def test_greedy_calls_the_weather_tool_with_the_city_asked_for(model, tokenizer, tools, city):
+    question = [{"role": "user", "content": f"What is the weather in {city}?"}]
+    text = _greedy_text(model, tokenizer, question, tools=corpus.WEATHER_TOOLS[tools])
+    assert text == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s"}}\n</tool_call><|im_end|>' % city
+    # Without tools, no call.
+    if city in ("Paris", "Tokyo"):
+        assert _greedy_text(model, tokenizer, question) == corpus.NO_TOOL_ANSWER + "<|im_end|>"
+
+
+def test_greedy_answers_from_the_tools_result(model, tokenizer):
+    for city, result, answer in corpus.WEATHER_CALLS:
+        messages = [
+            {"role": "user", "content": f"What is the weather in {city}?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}]},
+            {"role": "tool", "tool_call_id": "c", "content": result},
+        ]
+        assert _greedy_text(model, tokenizer, messages, tools=corpus.WEATHER_TOOLS[0]) == answer + "<|im_end|>"
+
+
+def test_greedy_thinks_before_answering_unless_told_not_to(model, tokenizer):
+    for question, reasoning, answer in corpus.THINKING_PAIRS:
+        messages = [{"role": "user", "content": question}]
+        assert _greedy_text(model, tokenizer, messages) == f"<think>\n{reasoning}\n</think>\n\n{answer}<|im_end|>"
+        assert _greedy_text(model, tokenizer, messages, enable_thinking=False) == answer + "<|im_end|>"
+
 
 
 @pytest.mark.parametrize(

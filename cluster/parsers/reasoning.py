@@ -86,6 +86,11 @@ class ReasoningParser:
         else:
             self._state = "before"
 
+    @property
+    def thinking(self) -> bool:
+        """Whether the text so far leaves the model inside its reasoning block (for counting tokens)."""
+        return self._state in ("open", "reasoning", "tool_hold")
+
     def feed(self, text: str) -> tuple[str, str]:
         """``(reasoning, content)`` decided by the text so far, after adding ``text``."""
         if self._finished:

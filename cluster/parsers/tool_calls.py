@@ -54,7 +54,9 @@ __all__ = [
     "DeepSeekV3ToolCallParser",
     "Event",
     "InternLMToolCallParser",
+    "JSONArrayToolCallParser",
     "Llama3ToolCallParser",
+    "NamedFunctionStream",
     "QwenToolCallParser",
     "ToolCall",
     "ToolCallDelta",
@@ -219,6 +221,12 @@ class ToolCallParser:
     # Any of these strings in a chat template identifies the family, for
     # detect_tool_call_parser.
     template_markers: ClassVar[tuple[str, ...]] = ()
+    # Families whose call is a JSON object {"name", ARGUMENTS_KEY} after an
+    # opener: a forced call (tool_choice "required" or named) is the opener,
+    # written into the prompt, then that object under a JSON-schema
+    # constraint. None: the call is not such an object (DeepSeek V3).
+    call_opener: ClassVar[str | None] = None
+    arguments_key: ClassVar[str] = "arguments"
 
     def __init__(self, *, id_factory: Callable[[], str] = new_call_id) -> None:
         self._id_factory = id_factory
@@ -379,6 +387,7 @@ class QwenToolCallParser(_TaggedToolCallParser):
     starts = ("<tool_call>",)
     end = "</tool_call>"
     template_markers = ("<tool_call>",)
+    call_opener = "<tool_call>\n"
 
 
 class InternLMToolCallParser(_TaggedToolCallParser):
@@ -397,6 +406,8 @@ class InternLMToolCallParser(_TaggedToolCallParser):
     starts = ("<|action_start|><|plugin|>", "<|action_start|> <|plugin|>")
     end = "<|action_end|>"
     template_markers = ("<|action_start|>",)
+    call_opener = "<|action_start|><|plugin|>\n"
+    arguments_key = "parameters"
 
 
 class DeepSeekV3ToolCallParser(ToolCallParser):
@@ -521,6 +532,8 @@ class Llama3ToolCallParser(ToolCallParser):
     name = "llama3"
     python_tag: ClassVar[str] = "<|python_tag|>"
     template_markers = ("<|python_tag|>", "ipython")
+    call_opener = ""  # the JSON-tool prompts of the templates ask for the bare object
+    arguments_key = "parameters"
 
     def __init__(self, *, id_factory: Callable[[], str] = new_call_id) -> None:
         super().__init__(id_factory=id_factory)
@@ -593,6 +606,63 @@ class Llama3ToolCallParser(ToolCallParser):
         self._call(call)
         self._raw = ""
         self._run_has_call = True
+        return True
+
+
+class NamedFunctionStream(ToolCallParser):
+    """``tool_choice`` naming a function: decoding is constrained to that function's arguments (a JSON
+    object, as vLLM does it), so the whole text is the one call's ``arguments``. Unlike the family
+    parsers, the arguments stream as they are written: the first event carries the id and name, each
+    later one a fragment of the text."""
+
+    def __init__(self, function: str, *, id_factory: Callable[[], str] = new_call_id) -> None:
+        super().__init__(id_factory=id_factory)
+        self._function = function
+
+    def _step(self, final: bool) -> bool:
+        if self._calls == 0:
+            self._events.append(ToolCallDelta(0, id=self._id_factory(), name=self._function))
+            self._calls = 1
+        # Trailing whitespace is held: after the object it is no part of the arguments.
+        text = self._buf.rstrip()
+        if text:
+            self._events.append(ToolCallDelta(0, arguments=text))
+        self._buf = "" if final else self._buf[len(text):]
+        return False
+
+
+class JSONArrayToolCallParser(ToolCallParser):
+    """A forced call's constrained JSON: one ``{"name", "arguments"|"parameters"}`` object (the family's
+    own call body, its opener in the prompt), or a JSON array of ``{"name", "parameters"}`` objects
+    (vLLM's schema, for a model without a parser). Each call is released once its object closes."""
+
+    def _step(self, final: bool) -> bool:
+        stripped = self._buf.lstrip(" \t\r\n[,]")
+        if not stripped.startswith("{"):
+            if final:
+                # Not the constrained shape (the engine ignored the constraint): the text as it is.
+                self._content(stripped)
+                self._buf = ""
+            else:
+                self._buf = stripped
+            return False
+        end = _json_object_end(stripped, 0)
+        if end == -1:
+            if final:
+                self._content(stripped)
+                self._buf = ""
+            else:
+                self._buf = stripped
+            return False
+        try:
+            call = _call_from_obj(json.loads(stripped[:end]), require_arguments=True)
+        except ValueError:
+            call = None
+        if call is None:
+            self._content(stripped[:end])
+        else:
+            self._call(call)
+        self._buf = stripped[end:]
         return True
 
 

@@ -37,6 +37,9 @@ _MAX_COMPILE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 _XGR_ERROR_PREFIX = re.compile(r"^\s*(\[[0-9:]+\]\s*)?(\S+\.(cc|h|cpp):\d+:\s*)?(Check failed:.*?is false:\s*)?")
 
 
+_OPTIONAL_NEWLINE = xgr.Grammar.from_ebnf('root ::= "\\n"?')
+
+
 def _clean_error(error: BaseException) -> str:
     text = str(error).strip()
     return _XGR_ERROR_PREFIX.sub("", text.splitlines()[0] if text else "") or type(error).__name__
@@ -93,8 +96,14 @@ class GrammarConstraints:
                 raise ValueError(f"invalid regex {regex!r}: {_clean_error(e)}") from None
         try:
             # Compact JSON (", " and ": " separators, no other whitespace): free whitespace lets small
-            # models pad forever instead of closing the object.
-            return compiler.compile_json_schema(json_schema, any_whitespace=False)
+            # models pad forever instead of closing the object. One newline may follow it: byte-level
+            # BPEs with Qwen2's pre-tokenizer join closing punctuation and a newline into one token
+            # ('"}}\n' ends a Qwen tool call), and a model that only knows that token would otherwise
+            # be pushed off its way of closing the object.
+            grammar = xgr.Grammar.concat(
+                xgr.Grammar.from_json_schema(json_schema, any_whitespace=False), _OPTIONAL_NEWLINE
+            )
+            return compiler.compile_grammar(grammar)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"invalid json_schema: {_clean_error(e)}") from None
 

@@ -208,7 +208,8 @@ def weights_sha256(model_dir: Path) -> str:
 # --------------------------------------------------------------------------------------------------
 
 # v1: first recipe (its tokenizer.json disagreed with how transformers loads qwen2 tokenizers).
-TINY_CHAT_VERSION = 2
+# v2: tokenizer fixed. v3: tool calls, tool results and <think> answers (the template renders tools).
+TINY_CHAT_VERSION = 3
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 # Special tokens come first in the trained vocab, so their ids are fixed: 0, 1, 2.
@@ -216,17 +217,51 @@ SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 
 # ChatML, like Qwen's: `<|im_start|>role\ncontent<|im_end|>\n`. String content or OpenAI-style content
 # parts (the text parts are concatenated). No default system prompt, so prompts stay short and exact.
+# Tools as Qwen2.5 / Hermes render them (a shorter preamble): the tool list in the system turn, calls as
+# `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, results as `<tool_response>` blocks in a
+# user turn. `enable_thinking=false` (a chat_template_kwargs) closes an empty think block in the prompt,
+# as Qwen3's template does. Without tools, messages render exactly as v2's template did.
 CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}"
-    "{%- else %}{%- for part in message['content'] %}"
+    "{%- macro text(content) %}"
+    "{%- if content is string %}{{- content }}"
+    "{%- elif content %}{%- for part in content %}"
     "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
     "{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
+    "{%- endmacro %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- text(messages[0]['content']) + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first and tools %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + text(message['content']) + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{- '<|im_start|>assistant' }}"
+    "{%- if message['content'] %}{{- '\\n' + text(message['content']) }}{%- endif %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- if call['function'] is defined %}{%- set call = call['function'] %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+    "{{- (call['arguments'] if call['arguments'] is string else call['arguments'] | tojson) + '}\\n</tool_call>' }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + text(message['content']) + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
 )
+
+# Tags the model writes, each one token (added, not special: decoding keeps them in the text), as in
+# Qwen2.5 / Qwen3's vocabularies. Their ids follow the trained vocabulary.
+TAG_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 
 # Tokenizer: small enough that Chinese characters outside the most frequent ones stay split into bytes.
 _VOCAB_SIZE = 1024
@@ -262,12 +297,15 @@ _MODEL_CONFIG = dict(
 _SEED = 1234
 _BATCH_SIZE = 16  # few, larger steps: per-step overhead, not FLOPs, dominates on CPU at this size
 _LR = 2e-3
-_MIN_LR_FRACTION = 0.05
+_MIN_LR_FRACTION = 0.1
 _WARMUP_STEPS = 20
 _EPOCHS = 80  # length of the cosine schedule
 _FIRST_CHECK = 40  # nothing is reliably learned before
 _CHECK_EVERY = 10  # during the schedule; every 5 epochs while repairing
 _MAX_REPAIR_EPOCHS = 40  # safety cap; reaching it is logged as a warning
+# Answer tokens weigh this much more than prompt tokens: tool prompts are long and alike, and an answer
+# that must copy a word from the question (a city, a number) learns slowly when its few tokens drown.
+_ANSWER_WEIGHT = 5.0
 _REPLAY = 2  # extra copies per epoch of each sample that failed the last check
 # Every answer token (and the closing <|im_end|>) must get at least this probability under teacher
 # forcing: it then is the greedy choice with a logit margin (>= ln 4) wide enough for bf16/fp16 engines.
@@ -294,7 +332,7 @@ def _build_tiny_chat(out_dir: Path) -> None:
 
 def _write_tokenizer(out_dir: Path) -> int:
     """Train the byte-level BPE and write tokenizer.json and tokenizer_config.json. Returns the vocab size."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 
     tokenizer = Tokenizer(models.BPE())
@@ -317,7 +355,10 @@ def _write_tokenizer(out_dir: Path) -> int:
     )
     texts = [f"user\n{q}\nassistant\n{a}" for q, a in CHAT_PAIRS]
     texts += [f"system\n{s}" for s in SYSTEM_PROMPTS] + TOKENIZER_EXTRA_TEXT
+    # The tool-calling and reasoning turns, so that their JSON and phrases get merges of their own.
+    texts += _tool_and_thinking_texts()
     tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in TAG_TOKENS])
     tokenizer.save(str(out_dir / "tokenizer.json"))
 
     tokenizer_config = {
@@ -344,6 +385,7 @@ def _check_tokenizer_consistency(out_dir: Path, hf_tokenizer) -> None:
 
     raw = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
     probes = [f"{IM_START}user\n{q}{IM_END}\n{IM_START}assistant\n{a}{IM_END}\n" for q, a in CHAT_PAIRS]
+    probes += _tool_and_thinking_texts()
     probes.append("Digits 1234567890, ｆｕｌｌｗｉｄｔｈ, emoji 🎉, café, 龘, tabs\tand\n\n  spaces ")
     for text in probes:
         expected = raw.encode(text, add_special_tokens=False).ids
@@ -353,33 +395,110 @@ def _check_tokenizer_consistency(out_dir: Path, hf_tokenizer) -> None:
 
 @dataclass
 class _Sample:
-    """One Q/A pair, rendered through the chat template with no system prompt and with each system prompt.
-    `answer_spans[i]` is the (start, end) of variant i's answer tokens, the closing <|im_end|> included."""
+    """One trained answer, rendered through the chat template in several variants (no system prompt and
+    each system prompt; each rendering of the tool list). `answer_spans[i]` is the (start, end) of variant
+    i's answer tokens, the closing <|im_end|> included."""
 
     variants: list[list[int]]
     answer_spans: list[tuple[int, int]]
 
 
-def _training_samples(tokenizer) -> list[_Sample]:
+# A trained turn: (messages before the answer, tools or None, chat_template_kwargs, the answer's text).
+_Turn = tuple[list[dict], "list[dict] | None", dict, str]
 
+
+def _weather_question(city: str) -> str:
+    return f"What is the weather in {city}?"
+
+
+def _weather_call(city: str) -> dict:
+    """The assistant's call as OpenAI's `tool_calls` entry (what the gateway renders from its text)."""
+    return {"id": f"call_{city.lower()}", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": city}}}
+
+
+def _call_text(city: str) -> str:
+    """What the model writes to call the tool: the template's rendering of `_weather_call` in history."""
+    return '<tool_call>\n{"name": "get_weather", "arguments": ' + json.dumps({"city": city}) + "}\n</tool_call>"
+
+
+def _tool_and_thinking_texts() -> list[str]:
+    """The tool lists (as the template's `tojson` writes them) and each tool-calling and reasoning turn's
+    text once: the tokenizer's training text and probes."""
+    tools = [json.dumps(tool, ensure_ascii=False) for tools in corpus.WEATHER_TOOLS for tool in tools]
+    turns = [variants[0] for variants in _conversation_variants()]
+    return tools + ["\n".join([*(m["content"] or "" for m in messages), answer]) for messages, _, _, answer in turns]
+
+
+def _conversation_variants() -> list[list[_Turn]]:
+    """The tool-calling and reasoning samples, each as its list of variants."""
+    systems: list[str | None] = [None, *SYSTEM_PROMPTS]
+
+    def with_system(system: str | None, messages: list[dict]) -> list[dict]:
+        return ([{"role": "system", "content": system}] if system else []) + messages
+
+    def each_rendering(messages: list[dict], answer: str) -> list[_Turn]:
+        return [(with_system(system, messages), tools, {}, answer)
+                for tools in corpus.WEATHER_TOOLS for system in systems[:2]]
+
+    answers = dict(CHAT_PAIRS)
     samples = []
-    for question, answer in CHAT_PAIRS:
+    for city, result, answer in corpus.WEATHER_CALLS:
+        asked = [{"role": "user", "content": _weather_question(city)}]
+        samples.append(each_rendering(asked, _call_text(city)))
+        answered = asked + [{"role": "assistant", "content": None, "tool_calls": [_weather_call(city)]},
+                            {"role": "tool", "tool_call_id": f"call_{city.lower()}", "content": result}]
+        samples.append(each_rendering(answered, answer))
+        samples.append([(with_system(system, asked), None, {}, corpus.NO_TOOL_ANSWER) for system in systems])
+    for city in corpus.MORE_WEATHER_CITIES:
+        samples.append(each_rendering([{"role": "user", "content": _weather_question(city)}], _call_text(city)))
+    for question in corpus.PLAIN_WITH_TOOLS:
+        samples.append(each_rendering([{"role": "user", "content": question}], answers[question]))
+    for question, reasoning, answer in corpus.THINKING_PAIRS:
+        asked = [{"role": "user", "content": question}]
+        samples.append([(with_system(s, asked), None, {}, f"<think>\n{reasoning}\n</think>\n\n{answer}") for s in systems])
+        samples.append([(with_system(s, asked), None, {"enable_thinking": False}, answer) for s in systems])
+    return samples
+
+
+def _training_samples(tokenizer) -> list[_Sample]:
+    pairs = [
+        [(([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": q}], None, {}, a)
+         for s in [None, *SYSTEM_PROMPTS]]
+        for q, a in CHAT_PAIRS
+    ]
+    samples = []
+    for turns in pairs + _conversation_variants():
         variants, spans = [], []
-        for system in [None, *SYSTEM_PROMPTS]:
-            prompt = [{"role": "system", "content": system}] if system else []
-            prompt.append({"role": "user", "content": question})
-            prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            conversation = prompt + [{"role": "assistant", "content": answer}]
-            full_text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        for messages, tools, kwargs, answer in turns:
+            prompt_text = tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True, **kwargs
+            )
             prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
-            ids = tokenizer.encode(full_text, add_special_tokens=False)
+            # What serving sees: the rendered prompt, then the answer's tokens as the model writes them.
+            ids = tokenizer.encode(prompt_text + answer + IM_END + "\n", add_special_tokens=False)
             # The answer must start on a token boundary, exactly where serving's prompt ends.
-            assert ids[: len(prompt_ids)] == prompt_ids, (question, system)
+            assert ids[: len(prompt_ids)] == prompt_ids, (messages, answer)
             end = ids.index(tokenizer.eos_token_id, len(prompt_ids)) + 1
             variants.append(ids)
             spans.append((len(prompt_ids), end))
         samples.append(_Sample(variants, spans))
+    _check_call_history_renders_as_generated(tokenizer)
     return samples
+
+
+def _check_call_history_renders_as_generated(tokenizer) -> None:
+    """A call the model wrote must come back, as an assistant message with `tool_calls`, as exactly the
+    text it wrote: otherwise the next turn's prompt is one the model was never trained on."""
+    city = corpus.WEATHER_CALLS[0][0]
+    asked = [{"role": "user", "content": _weather_question(city)}]
+    tools = corpus.WEATHER_TOOLS[0]
+    generated = tokenizer.apply_chat_template(asked, tools=tools, tokenize=False, add_generation_prompt=True)
+    history = tokenizer.apply_chat_template(
+        asked + [{"role": "assistant", "content": None, "tool_calls": [_weather_call(city)]}], tools=tools, tokenize=False
+    )
+    if history != generated + _call_text(city) + IM_END + "\n":
+        raise RuntimeError(f"the chat template renders a tool call in history as {history!r}, not as generated")
 
 
 @contextlib.contextmanager
@@ -402,16 +521,32 @@ def _isolated_torch_state(threads: int) -> Iterator[None]:
             torch.set_num_threads(prev_threads)
 
 
-def _pad(rows: list[list[int]], pad_id: int):
-    """Right-padded (input_ids, labels); padding carries no loss."""
+def _pad(rows: list[list[int]], pad_id: int, spans: list[tuple[int, int]] | None = None):
+    """Right-padded (input_ids, labels, weights): padding carries no loss, answer tokens (`spans`)
+    _ANSWER_WEIGHT times a prompt token's."""
     import torch
 
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    weights = torch.zeros((len(rows), width))
     for i, ids in enumerate(rows):
         input_ids[i, : len(ids)] = labels[i, : len(ids)] = torch.tensor(ids)
-    return input_ids, labels
+        weights[i, : len(ids)] = 1.0
+        if spans is not None:
+            weights[i, spans[i][0] : spans[i][1]] = _ANSWER_WEIGHT
+    return input_ids, labels, weights
+
+
+def _weighted_loss(logits, labels, weights):
+    """Next-token cross-entropy, weighted per target token (logits at t predict token t + 1)."""
+    import torch
+
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="none"
+    )
+    w = weights[:, 1:].flatten()
+    return (ce * w).sum() / w.sum()
 
 
 def _epoch_batches(samples: list[_Sample], replay: set[int], rng: random.Random, pad_id: int):
@@ -424,13 +559,14 @@ def _epoch_batches(samples: list[_Sample], replay: set[int], rng: random.Random,
     rows = []
     for index, sample in enumerate(samples):
         for _ in range(1 + (_REPLAY if index in replay else 0)):
-            rows.append(sample.variants[0] if rng.random() < 0.5 else rng.choice(sample.variants[1:]))
-    rows.sort(key=len)
+            v = 0 if rng.random() < 0.5 else rng.randrange(1, len(sample.variants))
+            rows.append((sample.variants[v], sample.answer_spans[v]))
+    rows.sort(key=lambda row: len(row[0]))
     batches = [rows[i : i + _BATCH_SIZE] for i in range(0, len(rows), _BATCH_SIZE)]
     rng.shuffle(batches)
     # Loss on every real token, prompts too: that compute is spent anyway, and learning to predict the
     # prompts makes the answers converge in far fewer epochs than an answer-only loss.
-    return [_pad(batch, pad_id) for batch in batches]
+    return [_pad([ids for ids, _ in batch], pad_id, [span for _, span in batch]) for batch in batches]
 
 
 def _unlearned_samples(model, samples: list[_Sample], pad_id: int) -> set[int]:
@@ -445,7 +581,7 @@ def _unlearned_samples(model, samples: list[_Sample], pad_id: int) -> set[int]:
     with torch.no_grad():
         for start in range(0, len(flat), 32):
             chunk = flat[start : start + 32]
-            input_ids, _ = _pad([ids for _, ids, _ in chunk], pad_id)
+            input_ids, _, _ = _pad([ids for _, ids, _ in chunk], pad_id)
             probs = model(input_ids=input_ids, use_cache=False).logits.float().softmax(-1)
             for row, (index, ids, (a, b)) in enumerate(chunk):
                 # Logits at position t predict token t + 1.
@@ -511,12 +647,12 @@ def _train_and_save_weights(out_dir: Path, config, samples: list[_Sample]) -> No
             lr = _LR * (_MIN_LR_FRACTION + (1 - _MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * schedule)))
             losses = []
             tokens = 0
-            for input_ids, labels in _epoch_batches(samples, replay, rng, pad_id):
+            for input_ids, labels, weights in _epoch_batches(samples, replay, rng, pad_id):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * min(1.0, (step + 1) / _WARMUP_STEPS)
                 # Right padding and no attention mask: causal attention never lets real tokens see the
                 # padding after them, and the padded positions carry no loss.
-                loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
+                loss = _weighted_loss(model(input_ids=input_ids, use_cache=False).logits, labels, weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -548,14 +684,16 @@ def _train_and_save_weights(out_dir: Path, config, samples: list[_Sample]) -> No
 def _tiny_chat_fingerprint() -> str:
     """A short hash of everything the tiny-chat recipe depends on (data, shapes, hyperparameters)."""
     recipe = {
-        "corpus": [corpus.CHAT_PAIRS, corpus.SYSTEM_PROMPTS, corpus.TOKENIZER_EXTRA_TEXT],
+        "corpus": [corpus.CHAT_PAIRS, corpus.SYSTEM_PROMPTS, corpus.TOKENIZER_EXTRA_TEXT, corpus.WEATHER_TOOLS,
+                   corpus.WEATHER_CALLS, corpus.MORE_WEATHER_CITIES, corpus.NO_TOOL_ANSWER, corpus.PLAIN_WITH_TOOLS, corpus.THINKING_PAIRS],
+        "tags": TAG_TOKENS,
         "template": CHAT_TEMPLATE,
         "special_tokens": SPECIAL_TOKENS,
         "pretokenize": _QWEN2_PRETOKENIZE_REGEX,
         "vocab_size": _VOCAB_SIZE,
         "model": _MODEL_CONFIG,
         "training": [_SEED, _BATCH_SIZE, _LR, _MIN_LR_FRACTION, _WARMUP_STEPS, _EPOCHS, _FIRST_CHECK,
-                     _CHECK_EVERY, _MAX_REPAIR_EPOCHS, _REPLAY, _MIN_TOKEN_PROB, _TRAIN_THREADS],
+                     _CHECK_EVERY, _MAX_REPAIR_EPOCHS, _REPLAY, _ANSWER_WEIGHT, _MIN_TOKEN_PROB, _TRAIN_THREADS],
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 

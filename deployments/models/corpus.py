@@ -122,3 +122,56 @@ TOKENIZER_EXTRA_TEXT: list[str] = [
     "妈妈做的饭很好吃。我最喜欢吃米饭、面条和饺子。吃完饭以后，我们一家人一起看电视。",
     "红色、黄色、蓝色、绿色、白色和黑色都是颜色。猫、狗、鸟和鱼都是动物。",
 ]
+
+# --- Tool calling and reasoning (the chat template's Qwen / Hermes format, see builtin.py) ---------
+
+# The function tool the model learns to call, in OpenAI's shape. It is trained with several renderings
+# of it (descriptions or none, the strict schema agent frameworks send, next to another tool), so that
+# it keys on the question, not on one exact rendering of the tool list.
+_CITY = {"type": "string", "description": "The city, e.g. Paris"}
+WEATHER_TOOLS: list[list[dict]] = [
+    [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": _CITY}, "required": ["city"]}}}],
+    # What langchain's bind_tools and `openai-agents`' @function_tool send for a documented
+    # `def get_weather(city: str) -> str`.
+    [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"properties": {"city": {"type": "string"}}, "required": ["city"], "type": "object"}}}],
+    [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"properties": {"city": {"title": "City", "type": "string"}}, "required": ["city"],
+                       "title": "get_weather_args", "type": "object", "additionalProperties": False},
+        "strict": True}}],
+    [{"type": "function", "function": {
+        "name": "get_time", "description": "Get the local time in a city.",
+        "parameters": {"type": "object", "properties": {"city": _CITY}, "required": ["city"]}}},
+     {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": _CITY}, "required": ["city"]}}}],
+]
+
+# (city, the tool's result as the tool message's content, the answer that uses it). Asked "What is the
+# weather in <city>?" with a weather tool, the model calls get_weather(city); given the result, it answers.
+WEATHER_CALLS: list[tuple[str, str, str]] = [
+    ("Paris", '{"city": "Paris", "temperature": 22, "condition": "sunny"}', "It is sunny and 22 degrees in Paris."),
+    ("Tokyo", '{"city": "Tokyo", "temperature": 18, "condition": "rainy"}', "It is rainy and 18 degrees in Tokyo."),
+]
+
+# More cities the model calls the tool for (no result turn): with only two, it would learn two answers
+# by heart instead of copying the city from the question.
+MORE_WEATHER_CITIES: list[str] = ["London", "Rome", "Berlin"]
+
+# Asked without tools (or with tool_choice "none", which leaves them out of the prompt).
+NO_TOOL_ANSWER = "I cannot check the weather without a tool."
+
+# Questions trained with tools in the prompt too, to which the answer is text, not a call.
+PLAIN_WITH_TOOLS: list[str] = ["What is the capital of France?", "Hello!", "What is 2 + 2?"]
+
+# (question, reasoning, answer): trained as "<think>\n{reasoning}\n</think>\n\n{answer}", and as the answer
+# alone when the prompt already closes the think block (`chat_template_kwargs: {enable_thinking: false}`).
+THINKING_PAIRS: list[tuple[str, str, str]] = [
+    ("Is 7 a prime number?", "A prime number can only be divided by 1 and by itself, and so can 7.",
+     "Yes, 7 is a prime number."),
+    ("Which is bigger, 9 or 11?", "I compare the two numbers: 11 is 2 more than 9.", "11 is bigger than 9."),
+]

@@ -1,5 +1,5 @@
 """Session affinity and load spread over 4 base-model replicas: Tandem's routing (the
-ConsistentHashRouter of `cluster.app.BASE_MODEL_ROUTER`, one session id per agent program run via
+ConsistentHashRouter of `cluster.app.BASE_MODEL_ROUTERS["session"]`, one session id per agent program run via
 `handle.options(session_id=...)`) against Ray Serve's default power-of-two-choices router, side by
 side in one run on a local Ray cluster.
 
@@ -62,11 +62,11 @@ def stub_deployment():
 def build_apps(backend: str, service_ms: float) -> dict:
     """{router name: bound application}: identical deployments but for the request router."""
     from autoscale.policy import deployment_scaling_options
-    from cluster.app import BASE_MODEL_ROUTER
+    from cluster.app import BASE_MODEL_ROUTERS
     from cluster.config import ReplicaSpec
 
     scaling = deployment_scaling_options(ReplicaSpec(min=REPLICAS, max=REPLICAS))
-    routers = {"tandem_consistent_hash": {"request_router_config": BASE_MODEL_ROUTER}, "serve_default_pow2": {}}
+    routers = {"tandem_consistent_hash": {"request_router_config": BASE_MODEL_ROUTERS["session"]}, "serve_default_pow2": {}}
     apps = {}
     for name, router in routers.items():
         if backend == "stub":

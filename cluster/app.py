@@ -24,13 +24,32 @@ from deployments.base_model import BaseModelDeployment
 from placement.resources import replica_options
 
 
-# Session affinity for base models: every call of one agent run carries the run's session id and
-# lands on one replica (its prefix cache is there); the next replicas on the ring take over when that
-# one rejects (at max_ongoing_requests). Calls without a session id spread evenly.
-BASE_MODEL_ROUTER = RequestRouterConfig(
-    request_router_class="ray.serve.experimental.consistent_hash_router:ConsistentHashRouter",
-    request_router_kwargs={"num_fallback_replicas": 2},
-)
+# How a model's requests pick a replica (`routing:` in the config), with Ray Serve's own routers:
+# - session: consistent hashing on the Serve session id. Every call of one agent run carries the run's
+#   session id, and so do HTTP requests with an x-session-id header (or the OpenAI `user` field): they
+#   land on one replica, whose prefix cache holds their history; the next replicas on the ring take
+#   over when that one rejects (at max_ongoing_requests). Requests without a session spread evenly.
+# - prefix: Ray Serve LLM's PrefixCacheAffinityRouter, reading Tandem's request arguments
+#   (deployments/routing.py). Its default never thinks replicas imbalanced, so prompts sharing a
+#   system prompt would all pile onto one replica: here a replica more than target_ongoing_requests
+#   busier than the least busy one loses its affinity (power of two choices decides).
+# - least_loaded: Serve's default power-of-two-choices router.
+BASE_MODEL_ROUTERS = {
+    "session": RequestRouterConfig(
+        request_router_class="ray.serve.experimental.consistent_hash_router:ConsistentHashRouter",
+        request_router_kwargs={"num_fallback_replicas": 2},
+    ),
+    "prefix": RequestRouterConfig(request_router_class="deployments.routing:PromptPrefixRouter"),
+    "least_loaded": RequestRouterConfig(),
+}
+
+
+def request_router_config(pool: PoolPlan) -> RequestRouterConfig:
+    router = BASE_MODEL_ROUTERS[pool.routing]
+    if pool.routing == "prefix":
+        kwargs = {"imbalanced_threshold": float(pool.replicas.target_ongoing_requests)}
+        return RequestRouterConfig(request_router_class=router.request_router_class, request_router_kwargs=kwargs)
+    return router
 
 
 # Ray Serve's own knobs for replicas whose user code is all async and never blocks its loop (the
@@ -61,9 +80,11 @@ def _serving_options(plan: ServingPlan, replicas: ReplicaSpec) -> dict[str, Any]
 
 
 def model_deployment_options(pool: PoolPlan) -> dict[str, Any]:
-    return with_fast_path_env(
-        {"name": pool.deployment_name, "request_router_config": BASE_MODEL_ROUTER, **_serving_options(pool, pool.replicas)}
-    )
+    return with_fast_path_env({
+        "name": pool.deployment_name,
+        "request_router_config": request_router_config(pool),
+        **_serving_options(pool, pool.replicas),
+    })
 
 
 def pool_info(pool: PoolPlan) -> dict[str, Any]:
@@ -106,10 +127,15 @@ def _own_model_args(agent: AgentSpec) -> dict[str, Any] | None:
 
 
 def gateway_deployment_options(cfg: TandemConfig) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": cfg.gateway.cpus}
+    if any(m.routing == "prefix" for m in cfg.models):
+        # The prefix router asks its prefix-tree actor with blocking ray.get calls: on the gateway's
+        # own loop (the fast path) they would stall every other request; give routing its own loop.
+        actor["runtime_env"] = {"env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}}
     return with_fast_path_env({
         "num_replicas": cfg.gateway.replicas,
         "max_ongoing_requests": cfg.gateway.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": cfg.gateway.cpus},
+        "ray_actor_options": actor,
         # serve deploy replaces gateway replicas when the app changes: in-flight streams finish first.
         "graceful_shutdown_timeout_s": cfg.gateway.drain_timeout_s,
     })

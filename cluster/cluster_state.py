@@ -77,7 +77,14 @@ async def probe_replicas(handle, method: str, running: int | None) -> list[dict]
 def engine_totals(replicas: list[dict]) -> dict[str, Any]:
     """A pool's engine numbers from its replicas' `EngineStats.to_dict()` (plus "replica")."""
     n = len(replicas)
+    # Prefix cache, from the replicas whose engine can tell (None when none can).
+    counting = [r for r in replicas if r.get("cached_prompt_tokens") is not None]
+    prompt = sum(int(r.get("prompt_tokens") or 0) for r in counting) if counting else None
+    cached = sum(int(r["cached_prompt_tokens"]) for r in counting) if counting else None
     return {
+        "prompt_tokens": prompt,
+        "cached_prompt_tokens": cached,
+        "prefix_cache_hit_rate": round(cached / prompt, 4) if prompt else None,
         "running": sum(int(r.get("running", 0)) for r in replicas),
         "waiting": sum(int(r.get("waiting", 0)) for r in replicas),
         "kv_cache_usage": round(sum(float(r.get("kv_cache_usage", 0.0)) for r in replicas) / n, 4) if n else 0.0,
@@ -90,6 +97,8 @@ def engine_totals(replicas: list[dict]) -> dict[str, Any]:
                 "waiting": r.get("waiting", 0),
                 "kv_cache_usage": r.get("kv_cache_usage", 0.0),
                 "tokens_per_s": r.get("tokens_per_s", 0.0),
+                "prompt_tokens": r.get("prompt_tokens"),
+                "cached_prompt_tokens": r.get("cached_prompt_tokens"),
                 "healthy": r.get("healthy", True),
             }
             for r in replicas

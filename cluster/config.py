@@ -161,6 +161,14 @@ class ModelSpec(ServingSpec):
         default=None,
         description="splits <think> reasoning into reasoning_content: deepseek-r1, qwen3, qwen3-thinking; null: none",
     )
+    routing: Literal["session", "prefix", "least_loaded"] = Field(
+        default="session",
+        description=(
+            "how requests pick a replica: session (a session id's requests stay on one replica: agent runs, "
+            "x-session-id, the OpenAI user field; others spread evenly), prefix (requests whose prompts share a "
+            "prefix go to the replica that served it, unless it is busier), least_loaded (power of two choices)"
+        ),
+    )
 
     @field_validator("name")
     @classmethod

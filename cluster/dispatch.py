@@ -212,7 +212,8 @@ class PoolDispatcher:
         except Exception as e:  # noqa: BLE001 - mapped to an HTTP error
             raise engine_error(e, prompt_param) from None
 
-    async def start(self, model: str, jobs: list[dict[str, Any]], prompt_param: str, collect: bool = False) -> Generation:
+    async def start(self, model: str, jobs: list[dict[str, Any]], prompt_param: str, collect: bool = False,
+                    session_id: str | None = None) -> Generation:
         """Start every job's stream (each a `stream(**job)` call) on one of the model's pools and
         wait for its first delta. With `collect` (a response sent whole), also wait for the last
         delta; the lease then ends here. When the pool's replica is lost before the response starts
@@ -223,7 +224,7 @@ class PoolDispatcher:
             pool = self.pick(model, tried)
             tried += (pool,)
             try:
-                generation = await self._start_on(model, pool, jobs, prompt_param)
+                generation = await self._start_on(model, pool, jobs, prompt_param, session_id)
                 if collect:
                     try:
                         await self._collect(generation.choices, prompt_param)
@@ -235,13 +236,15 @@ class PoolDispatcher:
                     raise engine_error(failed.error, prompt_param) from None
                 logger.warning("pool %s of %s failed (%s); trying the next pool", pool.name, model, failed.error)
 
-    async def _start_on(self, model: str, pool: Pool, jobs: list[dict[str, Any]], prompt_param: str) -> Generation:
+    async def _start_on(self, model: str, pool: Pool, jobs: list[dict[str, Any]], prompt_param: str,
+                        session_id: str | None = None) -> Generation:
         # With no running replica, the request waits for one to start: bounded by the pool's
         # cold_start_timeout_s, whether it scales from zero or replaces replicas it lost.
         waits_for_replica = pool.has_no_running_replica()
         timeout = min(pool.info["cold_start_timeout_s"], self.request_timeout_s) if waits_for_replica else self.request_timeout_s
         lease = Lease(pool, len(jobs))
-        stream = pool.handle.options(stream=True)
+        # A session id keeps the request's calls on one replica under `routing: session`.
+        stream = pool.handle.options(stream=True, **({"session_id": session_id} if session_id else {}))
         choices = [Choice(i, child_call(stream.stream, **job)) for i, job in enumerate(jobs)]
         try:
             firsts = await self._first_deltas(model, pool, choices, timeout, waits_for_replica)

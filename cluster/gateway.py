@@ -80,8 +80,25 @@ def _validation_error(e: ValidationError) -> OpenAIError:
     return OpenAIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
 
 
-def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+def _sse_response(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
+
+
+# Response header naming the replica(s) that served a completion: where routing sent it.
+REPLICA_HEADER = "x-tandem-replica"
+
+
+def _replica_headers(generation: Generation) -> dict[str, str]:
+    replicas = [c.first.get("replica") for c in generation.choices if c.first]
+    replicas = list(dict.fromkeys(r for r in replicas if r))
+    return {REPLICA_HEADER: ",".join(replicas)} if replicas else {}
+
+
+def session_id_of(request: Request, user: str | None) -> str | None:
+    """The Serve session id a request's generation carries (models with `routing: session` keep one
+    session on one replica): the x-session-id header, as Ray Serve LLM's ingress reads it, else the
+    OpenAI `user` field."""
+    return request.headers.get("x-session-id") or user or None
 
 
 async def _guarded(events: AsyncIterator[str], to_error, cleanup) -> AsyncIterator[str]:
@@ -186,8 +203,8 @@ async def _sse_choices(renderer: ResponseRenderer, choices: list[Choice], includ
             finish = delta["finish_reason"]
             if parsers:
                 parser = parsers[c.index]
-                events = parser.feed(text, delta["token_ids"]) + (parser.finish() if finish else [])
-                for chunk in event_chunks(renderer, c.index, events, logprobs):
+                parsed = parser.feed(text, delta["token_ids"]) + (parser.finish() if finish else [])
+                for chunk in event_chunks(renderer, c.index, parsed, logprobs):
                     yield sse(chunk)
                 finish = finish and finish_with_calls(finish, plan, parser.calls)
             # Tokens whose text is held back (part of a character) still send their log-probs.
@@ -232,7 +249,7 @@ def _render(renderer: ResponseRenderer, req, generation: Generation, prompt_para
         ticket.done(*totals)
         whole = [_whole_choice(c, plan) for c in choices]
         reasoning = sum(tokens for _, tokens in whole) if plan is not None and plan.reasoning_parser else None
-        return JSONResponse(renderer.full([out for out, _ in whole], *totals, reasoning))
+        return JSONResponse(renderer.full([out for out, _ in whole], *totals, reasoning), headers=_replica_headers(generation))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     body = _sse_choices(renderer, choices, include_usage, req.n, prompt_param, plan)
     if echo_texts:
@@ -244,7 +261,7 @@ def _render(renderer: ResponseRenderer, req, generation: Generation, prompt_para
                 yield event
 
         body = with_echo(body)
-    return _sse_response(_closing(body, generation, ticket, req.n))
+    return _sse_response(_closing(body, generation, ticket, req.n), _replica_headers(generation))
 
 
 @serve.deployment(name="Gateway")
@@ -311,11 +328,12 @@ class Gateway:
             self.gate.refused(tenant)
         self.dispatcher.check_model(model, visible=lambda m: self.gate.allows(tenant, m))
 
-    async def _start(self, tenant: Tenant | None, model: str, jobs: list[dict], prompt_param: str, stream: bool) -> tuple[Ticket, Generation]:
+    async def _start(self, tenant: Tenant | None, model: str, jobs: list[dict], prompt_param: str, stream: bool,
+                     session_id: str | None = None) -> tuple[Ticket, Generation]:
         """Admit the tenant's request (429 over a limit), then start its generation on the model."""
         ticket = await self.gate.admit(tenant)
         try:
-            return ticket, await self.dispatcher.start(model, jobs, prompt_param, collect=not stream)
+            return ticket, await self.dispatcher.start(model, jobs, prompt_param, collect=not stream, session_id=session_id)
         except BaseException:
             ticket.done(ok=False)
             raise
@@ -495,7 +513,7 @@ class Gateway:
             template["assistant_prefix"] = opener
         jobs = [{**template, **req.sampling(i), **constraint} for i in range(req.n)]
         renderer = ResponseRenderer("chat", req.model)
-        ticket, generation = await self._start(tenant, req.model, jobs, "messages", req.stream)
+        ticket, generation = await self._start(tenant, req.model, jobs, "messages", req.stream, session_id_of(request, req.user))
         return _render(renderer, req, generation, "messages", ticket, plan=plan)
 
     @app.post("/v1/completions")
@@ -510,7 +528,7 @@ class Gateway:
                 raise OpenAIError(400, "echo is only supported with text prompts", param="echo")
             echo = [p["prompt"] for p in prompts]
         renderer = ResponseRenderer("completion", req.model)
-        ticket, generation = await self._start(tenant, req.model, jobs, "prompt", req.stream)
+        ticket, generation = await self._start(tenant, req.model, jobs, "prompt", req.stream, session_id_of(request, req.user))
         return _render(renderer, req, generation, "prompt", ticket, echo)
 
     # -- SGLang's native API (for sgl.RuntimeEndpoint) ------------------------------------------

@@ -79,6 +79,7 @@ class PoolPlan(ServingPlan):
     replicas: ReplicaSpec
     stream_interval_ms: float
     stream_chunks_per_s: float
+    routing: str = "session"  # the model's `routing:` (every pool routes alike)
     pool: str | None = None  # None: the model has no pools
 
     @property
@@ -91,10 +92,10 @@ class PoolPlan(ServingPlan):
 def model_pools(m: ModelSpec) -> list[PoolPlan]:
     if not m.pools:
         return [PoolPlan(spec=m, source=m.source, model=m.name, replicas=m.replicas, stream_interval_ms=m.stream_interval_ms,
-                         stream_chunks_per_s=m.stream_chunks_per_s)]
+                         stream_chunks_per_s=m.stream_chunks_per_s, routing=m.routing)]
     return [
         PoolPlan(spec=p, source=p.source or m.source, model=m.name, pool=p.name, replicas=p.replicas,
-                 stream_interval_ms=m.stream_interval_ms, stream_chunks_per_s=m.stream_chunks_per_s)
+                 stream_interval_ms=m.stream_interval_ms, stream_chunks_per_s=m.stream_chunks_per_s, routing=m.routing)
         for p in m.pools
     ]
 

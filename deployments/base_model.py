@@ -144,15 +144,23 @@ class BaseModelServer:
     ) -> AsyncIterator[dict]:
         request = self._request(prompt, messages, prompt_token_ids, request_id, sampling, tools, chat_template_kwargs, assistant_prefix)
         deltas = self.engine.generate(request)
+        # The first delta names the replica (the gateway's x-tandem-replica header: where routing sent it).
+        first = True
         if self.stream_interval_s <= 0 and self.stream_chunks_per_s <= 0:
             try:
                 async for delta in deltas:
-                    yield _delta_dict(delta)
+                    out = _delta_dict(delta)
+                    if first:
+                        out["replica"], first = self.replica_id, False
+                    yield out
             finally:
                 await deltas.aclose()
             return
         async for merged in self._coalesced(deltas):
-            yield _delta_dict(merged)
+            out = _delta_dict(merged)
+            if first:
+                out["replica"], first = self.replica_id, False
+            yield out
 
     def _stream_interval(self) -> float:
         """Seconds between one stream's messages now: `stream_interval_ms`, or longer when the

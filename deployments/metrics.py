@@ -22,6 +22,8 @@ Base-model replicas (`deployments/base_model.py`, every `stream` call, so `compl
 | tandem_engine_requests_waiting | gauge | model, pool, replica | requests queued in the engine |
 | tandem_engine_kv_cache_usage | gauge | model, pool, replica | KV-cache fraction in use, 0..1 |
 | tandem_engine_tokens_per_second | gauge | model, pool, replica | recent generation rate |
+| tandem_engine_prompt_tokens | gauge | model, pool, replica | prompt tokens the engine prefilled since it started (engines with a prefix cache) |
+| tandem_engine_prefix_cache_hit_tokens | gauge | model, pool, replica | of those, tokens served from the prefix cache; hit rate = this / prompt tokens |
 
 The engine gauges are refreshed every `ENGINE_GAUGE_INTERVAL_S` by a task in each replica (Serve
 only calls `record_autoscaling_stats` on autoscaled deployments, and fixed-size ones need the
@@ -96,6 +98,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "tandem_engine_requests_waiting": ("gauge", "Requests queued in the engine.", MODEL_TAGS + ("replica",), None),
     "tandem_engine_kv_cache_usage": ("gauge", "Fraction of the KV cache in use (0..1).", MODEL_TAGS + ("replica",), None),
     "tandem_engine_tokens_per_second": ("gauge", "Recent generation rate of the engine.", MODEL_TAGS + ("replica",), None),
+    "tandem_engine_prompt_tokens": ("gauge", "Prompt tokens the engine has prefilled since it started.", MODEL_TAGS + ("replica",), None),
+    "tandem_engine_prefix_cache_hit_tokens": ("gauge", "Prompt tokens served from the prefix cache since the engine started.", MODEL_TAGS + ("replica",), None),
     "tandem_agent_runs_total": ("counter", "Finished agent runs by status (ok, invalid, limit, error, cancelled).", ("agent", "status"), None),
     "tandem_agent_errors_total": ("counter", "Agent runs that raised, by exception class.", ("agent", "error"), None),
     "tandem_agent_run_seconds": ("histogram", "Wall-clock seconds per agent run.", ("agent", "status"), _RUN_S),
@@ -233,6 +237,11 @@ def update_engine_gauges(model: str, pool: str | None, replica: str, stats: dict
     _record("tandem_engine_requests_waiting", "set", float(stats.get("waiting", 0)), tags)
     _record("tandem_engine_kv_cache_usage", "set", float(stats.get("kv_cache_usage", 0.0)), tags)
     _record("tandem_engine_tokens_per_second", "set", float(stats.get("tokens_per_s", 0.0)), tags)
+    # Prefix cache (engines that can tell): running totals since the engine started, as gauges of the
+    # engine's own counters (a restarted replica starts again from 0, under its new replica tag).
+    if stats.get("cached_prompt_tokens") is not None:
+        _record("tandem_engine_prompt_tokens", "set", float(stats["prompt_tokens"] or 0), tags)
+        _record("tandem_engine_prefix_cache_hit_tokens", "set", float(stats["cached_prompt_tokens"]), tags)
 
 
 def start_engine_gauges(server, interval_s: float = ENGINE_GAUGE_INTERVAL_S) -> asyncio.Task:

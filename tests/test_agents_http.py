@@ -39,10 +39,10 @@ def test_list_agents_with_arguments(tandem_app, client):
 
 
 # name -> (the greedy answer with default arguments, model calls); self_consistency samples its drafts.
-# multi_step_reasoning's answer after the tiny model's own review is gibberish that starts with a byte
-# that is not UTF-8 (U+FFFD): the model's chat answer to the same conversation is the same.
+# multi_step_reasoning's answer after the tiny model's own review is gibberish: the model's chat answer
+# to the same conversation is the same.
 BUILTIN_RUNS = {
-    "multi_step_reasoning": ("\ufffd capital of一天此从此 and coral.", 3),  # draft, review, answer
+    "multi_step_reasoning": ("A d spider legs, the robot g widal cal cal cd.", 3),  # draft, review, answer
     "safe_response": (ANSWER, 2),  # draft, the safe/unsafe select
     "self_consistency": (None, 4),  # 3 forked drafts, the select
 }
@@ -183,17 +183,17 @@ def test_runtime_endpoint_runs_an_unmodified_program(runtime_endpoint, client):
     expected = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=32)
     assert state["answer"] == expected.choices[0].message.content == ANSWER
     # The built-in model's deterministic choices: the select at temperature 0, the regex gen greedy.
-    assert state["verdict"] == "no"
-    assert state["number"] == "103"
+    assert state["verdict"] == "yes"
+    assert state["number"] == "422"
 
 
 def test_runtime_endpoint_stream_and_batch(runtime_endpoint):
     state = outside_program.run(question=QUESTION, backend=runtime_endpoint, stream=True)
     text = "".join(state.text_iter())
     assert state["answer"] == ANSWER and ANSWER in text
-    assert (state["verdict"], state["number"]) == ("no", "103")
+    assert (state["verdict"], state["number"]) == ("yes", "422")
     states = outside_program.run_batch([{"question": QUESTION}, {"question": "你好"}], backend=runtime_endpoint)
-    assert [(s["verdict"], s["number"]) for s in states] == [("no", "103"), ("no", "444")]
+    assert [(s["verdict"], s["number"]) for s in states] == [("yes", "422"), ("yes", "710")]
 
 
 @sgl.function
@@ -223,6 +223,6 @@ def test_native_endpoints(tandem_app, runtime_endpoint):
     runtime_endpoint.flush_cache()
     r = _post(tandem_app + "/generate", {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
     body = r.json()
-    assert r.status_code == 200 and (body["text"], body["meta_info"]["completion_tokens"]) == (" Paris", 4)
+    assert r.status_code == 200 and (body["text"], body["meta_info"]["completion_tokens"]) == (" Paris of hThe", 4)
     r = _post(tandem_app + "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 4, "stop_regex": "a+"}})
     assert r.status_code == 400 and "stop_regex" in r.json()["error"]["message"]

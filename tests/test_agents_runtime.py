@@ -426,13 +426,13 @@ def test_select_methods(agents):
         for method in ("greedy_token_selection", "unconditional_likelihood_normalized")
     }
     assert picks == {"greedy_token_selection": choices[1], "unconditional_likelihood_normalized": choices[1]}
-    # temperature > 0 samples from softmax(score / temperature): at 0.1 "Grass is green." leads by
-    # so much (2.25 nats) that the other choice's chance is below 1e-9; at 1e6 both are as likely.
-    out = run(agents, "choose", question="What color is grass?", choices=choices, select_temperature=0.1)
+    # temperature > 0 samples from softmax(score / temperature): at 0.05 "Grass is green." leads by
+    # so much (1.91 nats) that the other choice's chance is below 1e-9; at 1e6 both are as likely.
+    out = run(agents, "choose", question="What color is grass?", choices=choices, select_temperature=0.05)
     meta = out["variables"]["meta"]
-    assert meta["temperature"] == 0.1, meta  # sampled, not the greedy path
+    assert meta["temperature"] == 0.05, meta  # sampled, not the greedy path
     grass, paris = meta["normalized_prompt_logprobs"]
-    assert (grass - paris) / 0.1 > 20.8, meta  # exp(-20.8) < 1e-9
+    assert (grass - paris) / 0.05 > 20.8, meta  # exp(-20.8) < 1e-9
     assert out["answer"] == "Grass is green."
     handle, arguments = _call(agents, "choose", {"question": "What color is grass?", "choices": choices, "select_temperature": 1e6})
     sampled = [r.result(timeout_s=120)["answer"] for r in [handle.run.remote(arguments) for _ in range(24)]]

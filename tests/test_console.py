@@ -133,7 +133,8 @@ def test_cluster_view_reports_pools_engines_and_agents(tandem_app):
     stats = pool["engine_stats"]
     # Gathered from every running replica: three distinct replica ids.
     assert stats["replicas_reporting"] == 3 and len({r["replica"] for r in stats["replicas"]}) == 3, stats
-    assert set(stats) == {"running", "waiting", "kv_cache_usage", "tokens_per_s", "replicas_reporting", "replicas"}
+    assert set(stats) == {"running", "waiting", "kv_cache_usage", "tokens_per_s", "replicas_reporting", "replicas",
+                          "prompt_tokens", "cached_prompt_tokens", "prefix_cache_hit_rate"}
     agents = {a["name"]: a for a in view["agents"]}
     assert sorted(agents) == ["multi_step_reasoning", "safe_response", "self_consistency"]
     sc = agents["self_consistency"]

@@ -119,6 +119,15 @@ def test_recording_reaches_the_metric_objects(recorded):
         ("tandem_engine_tokens_per_second", "set", 7.0, {"model": "m", "pool": "default", "replica": "r0"}),
     ]
     assert metrics.recording_errors == {}
+    # Prefix-cache counts, from an engine that can tell (None: it cannot, and nothing is recorded).
+    recorded.clear()
+    metrics.update_engine_gauges("m", None, "r0", {"prompt_tokens": 120, "cached_prompt_tokens": 96})
+    metrics.update_engine_gauges("m", None, "r1", {"prompt_tokens": None, "cached_prompt_tokens": None})
+    prefix = [r for r in recorded if r[0] in ("tandem_engine_prompt_tokens", "tandem_engine_prefix_cache_hit_tokens")]
+    assert prefix == [
+        ("tandem_engine_prompt_tokens", "set", 120.0, {"model": "m", "pool": "default", "replica": "r0"}),
+        ("tandem_engine_prefix_cache_hit_tokens", "set", 96.0, {"model": "m", "pool": "default", "replica": "r0"}),
+    ]
 
 
 def test_a_failing_metric_never_fails_the_caller_and_is_counted(recorded, monkeypatch):

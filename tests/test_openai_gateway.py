@@ -90,13 +90,13 @@ def test_n_and_seed_sampling_is_reproducible(client):
 
 def test_completions_text_list_tokens_and_echo(client):
     one = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
-    assert one.object == "text_completion" and (one.choices[0].text, one.choices[0].finish_reason) == (" Paris.", "length")
+    assert one.object == "text_completion" and (one.choices[0].text, one.choices[0].finish_reason) == (" Paris of hThe France", "length")
     many = client.completions.create(model=MODEL, prompt=["The capital of France is", "Hello"], max_tokens=5, temperature=0)
     assert [c.index for c in many.choices] == [0, 1]
     assert many.choices[0].text == one.choices[0].text
     echo = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0, echo=True)
     plain = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0)
-    assert echo.choices[0].text == "Hello" + plain.choices[0].text == "Hello! helpf"
+    assert echo.choices[0].text == "Hello" + plain.choices[0].text == "Hello! I I"
     ids = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
     assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens == 3
 
@@ -225,8 +225,8 @@ def test_handle_calls(model_handle):
     scores = model_handle.score.remote("The capital of France is", [" Paris.", " zebra banana"]).result()
     assert scores[0] > scores[1]
     deltas = list(model_handle.options(stream=True).stream.remote(prompt="The capital of France is", max_tokens=8, temperature=0))
-    assert "".join(d.get("text", "") for d in deltas) == " Paris."
-    assert (deltas[-1]["finish_reason"], deltas[-1]["completion_tokens"]) == ("stop", 6)
+    assert "".join(d.get("text", "") for d in deltas) == " Paris of hThe France?"
+    assert (deltas[-1]["finish_reason"], deltas[-1]["completion_tokens"]) == ("stop", 7)
     assert set(model_handle.stats.remote().result()) >= {"running", "waiting", "kv_cache_usage", "tokens_per_s"}
     with pytest.raises(ValueError, match="temperature"):
         model_handle.chat.remote(QUESTION, temperature=-1).result()

@@ -180,7 +180,8 @@ async def test_logit_bias_minus_100_picks_the_second_best_and_plus_100_forces_a_
 
 async def test_min_tokens_holds_back_eos_and_keeps_the_answer_s_start(engine, reference_model, tokenizer):
     eos = tokenizer.eos_token_id
-    for question, want_finish in ((FRANCE, "length"), ("Say hello.", "stop")):
+    # With EOS held back, the first answer rambles on to max_tokens, the second finds EOS again.
+    for question, want_finish in (("What is 2 + 2?", "length"), ("Say hello.", "stop")):
         prompt_ids = chat_prompt_ids(tokenizer, question)
         _, _, answer = await collect(engine, make_request(ids=prompt_ids, max_tokens=40, temperature=0.0))
         assert answer[-1] == eos
@@ -247,7 +248,7 @@ async def test_min_p_one_samples_the_greedy_tokens(engine, tokenizer):
     prompt = chat_prompt(tokenizer, "Tell me a story.")
     base = dict(max_tokens=20, ignore_eos=True)
     _, _, greedy = await collect(engine, make_request(prompt, temperature=0.0, **base))
-    for seed in (3, 4):
+    for seed in (4, 5):
         _, _, hot = await collect(engine, make_request(prompt, temperature=1.5, seed=seed, **base))
         assert hot != greedy  # the test can fail: without min_p this seed wanders off
         _, _, only_top = await collect(engine, make_request(prompt, temperature=1.5, seed=seed, min_p=1.0, **base))

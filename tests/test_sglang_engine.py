@@ -229,8 +229,8 @@ def test_stop_token_eos_length_and_usage(tokenizer):
     # The stop token's text is never part of the text (SGLang's no_stop_trim, sent with stop strings, keeps it).
     dot = tokenizer.encode(".")[0]
     fine = tokenizer.encode("fine") + [dot]
-    kept, _ = deltas_of(tokenizer, [result("fine.", fine, 3, 4, stop_token(dot))], stop=["zz"], stop_token_ids=[dot])
-    assert (kept[-1].text, kept[-1].stop_reason, kept[-1].completion_tokens) == ("fine", dot, 4)
+    kept, _ = deltas_of(tokenizer, [result("fine.", fine, 3, len(fine), stop_token(dot))], stop=["zz"], stop_token_ids=[dot])
+    assert (kept[-1].text, kept[-1].stop_reason, kept[-1].completion_tokens) == ("fine", dot, len(fine))
 
 
 def test_aborts_map_to_finish_reason_or_errors(tokenizer):
@@ -372,6 +372,8 @@ async def test_generate_streams_deltas_with_replaced_sglang_core(model_path, tok
         await wait_for(lambda: engine.stats().running == 2)
         assert engine.stats().to_dict() == {
             "running": 2, "waiting": 1, "kv_cache_usage": 0.25, "tokens_per_s": 12.5, "healthy": True,
+            # From the finished request's meta_info (SGLang's radix cache served none of it).
+            "prompt_tokens": len(prompt_ids), "cached_prompt_tokens": 0,
         }
         engine.check_health()
         assert engine.max_model_len == 256

@@ -100,15 +100,21 @@ def test_min_tokens_holds_off_the_end(client):
     assert r.choices[0].message.content.startswith(ANSWER) and r.choices[0].message.content != ANSWER
 
 
-def test_penalties_reach_the_engine_alike_over_http_and_handles(client, model_handle):
+def test_penalties_reach_the_engine_alike_over_http_and_handles(tandem_app, client):
     # tests/test_sampling_knobs.py pins their meaning on the engine; here: the gateway passes them on.
+    # On tiny-chat-b, which has no reasoning parser, so that the HTTP answer is the raw text a handle
+    # returns (with repetition_penalty the model wanders into a <think> block, which tiny-chat's
+    # parser would move to reasoning_content).
+    from ray import serve
+
+    model, handle = "tiny-chat-b", serve.get_deployment_handle("BaseModel-tiny-chat-b", app_name="tandem")
     count = [{"role": "user", "content": "Count from 1 to 20."}]
-    plain = client.chat.completions.create(model=MODEL, messages=count, temperature=0, max_tokens=30).choices[0].message.content
+    plain = client.chat.completions.create(model=model, messages=count, temperature=0, max_tokens=30).choices[0].message.content
     for knobs, extra in (({"frequency_penalty": 2.0}, {}), ({}, {"repetition_penalty": 3.0})):
-        got = client.chat.completions.create(model=MODEL, messages=count, temperature=0, max_tokens=30, extra_body=extra, **knobs)
+        got = client.chat.completions.create(model=model, messages=count, temperature=0, max_tokens=30, extra_body=extra, **knobs)
         text = got.choices[0].message.content
         assert text != plain, (knobs, extra)
-        assert text == model_handle.chat.remote(count, temperature=0, max_tokens=30, **knobs, **extra).result()["text"]
+        assert text == handle.chat.remote(count, temperature=0, max_tokens=30, **knobs, **extra).result()["text"]
 
 
 def test_min_p_one_keeps_only_the_top_token(client):

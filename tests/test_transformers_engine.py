@@ -341,7 +341,7 @@ async def test_closing_the_stream_cancels_and_frees_the_slot(engine):
     await stream.aclose()
     await _wait_idle(engine)
     deltas, text, ids = await collect(engine, make_request("Hello", max_tokens=4, temperature=0.0))
-    assert (text, deltas[-1].finish_reason, len(ids)) == ("! helpful", "length", 4)
+    assert (text, deltas[-1].finish_reason, len(ids)) == ("! I I I", "length", 4)
 
 
 async def test_cancelling_the_consumer_task_cancels_the_request(engine):
@@ -481,7 +481,7 @@ async def test_prompt_logprobs_validate_lengths_and_token_ids(engine):
 
 async def test_stats_shape_and_load(engine):
     s = engine.stats()
-    assert set(s.to_dict()) == {"running", "waiting", "kv_cache_usage", "tokens_per_s", "healthy"}
+    assert set(s.to_dict()) == {"running", "waiting", "kv_cache_usage", "tokens_per_s", "healthy", "prompt_tokens", "cached_prompt_tokens"}
     assert s.healthy is True
     stream = engine.generate(make_request("Once upon a time", max_tokens=150, temperature=0.0, ignore_eos=True))
     for _ in range(5):

@@ -254,6 +254,10 @@ class EngineStats:
     kv_cache_usage: float = 0.0  # fraction of the KV cache in use, 0..1
     tokens_per_s: float = 0.0  # generated tokens per second over a recent window
     healthy: bool = True
+    # Prefix cache, since the engine started: prompt tokens of finished prefills, and how many of them
+    # came from the cache instead of being computed. None: the engine cannot tell.
+    prompt_tokens: int | None = None
+    cached_prompt_tokens: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

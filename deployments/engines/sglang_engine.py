@@ -202,6 +202,7 @@ class SGLangEngine(Engine):
         self._context_len = 0
         self._vocab_size = 0
         self._inflight = 0
+        self._prompt_tokens = self._cached_prompt_tokens = 0
         self._loads: list = []  # SGLang's latest LoadSnapshots, one per DP rank
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -346,6 +347,11 @@ class SGLangEngine(Engine):
                 if isinstance(item, BaseException):
                     raise _translate(item) from item
                 delta = delta_from_result(item, state)
+                if state.engine_finished:
+                    # SGLang's radix cache: how much of the prompt it served (meta_info of the last result).
+                    meta = item.get("meta_info") or {}
+                    self._prompt_tokens += int(meta.get("prompt_tokens") or 0)
+                    self._cached_prompt_tokens += int(meta.get("cached_tokens") or 0)
                 if delta is not None:
                     yield delta
                     if delta.finish_reason is not None:
@@ -414,6 +420,8 @@ class SGLangEngine(Engine):
             kv_cache_usage=min(1.0, max(0.0, max(load.token_usage for load in loads))),
             tokens_per_s=float(sum(load.gen_throughput for load in loads)),
             healthy=healthy,
+            prompt_tokens=self._prompt_tokens,
+            cached_prompt_tokens=self._cached_prompt_tokens,
         )
 
     def _health_error(self) -> str | None:

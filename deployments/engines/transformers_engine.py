@@ -76,6 +76,7 @@ class TransformersEngine(Engine):
         self._tokenizer = tokenizer
         self._model = None
         self._manager = None
+        self._prompt_tokens = self._cached_prompt_tokens = 0  # prefix cache (see _count_prefix_hits)
         self._score_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._processor = SamplingProcessor()
         self._handles = itertools.count()
@@ -207,6 +208,7 @@ class TransformersEngine(Engine):
         self._processor.slots[handle] = slot
         manager.register_result_handler(cb_request_id, on_output)
         loop_owns_request = False
+        self._count_prefix_hits(manager)
         try:
             accepted = manager.add_request(
                 prompt_ids,
@@ -219,6 +221,7 @@ class TransformersEngine(Engine):
             if accepted is None:
                 raise EngineError("the transformers engine's decode loop is not accepting requests")
             loop_owns_request = True
+            self._prompt_tokens += len(prompt_ids)
 
             mapper = DeltaMapper(self._tokenizer, sp, prompt_ids)
             emitted = 0
@@ -385,6 +388,23 @@ class TransformersEngine(Engine):
 
         return await asyncio.get_running_loop().run_in_executor(self._score_executor, flush)
 
+    def _count_prefix_hits(self, manager) -> None:
+        """Counts the prompt tokens the manager's prefix cache serves: its cache's `search_prefix_match`
+        (the scheduler's one call per new request, returning the tokens matched) is wrapped once its
+        batch processor exists (the loop thread builds it; before that nothing is cached yet)."""
+        processor = manager.batch_processor
+        if processor is None or getattr(processor.cache, "_tandem_counts_hits", False):
+            return
+        cache, search = processor.cache, processor.cache.search_prefix_match
+
+        def counted(request_id: str, prompt_ids: list[int]) -> int:
+            matched = search(request_id, prompt_ids)
+            self._cached_prompt_tokens += matched
+            return matched
+
+        cache.search_prefix_match = counted
+        cache._tandem_counts_hits = True
+
     # -- health and load -------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
@@ -405,6 +425,8 @@ class TransformersEngine(Engine):
             kv_cache_usage=min(1.0, max(0.0, used_bytes / total_bytes)),
             tokens_per_s=self._rate.rate(),
             healthy=healthy,
+            prompt_tokens=self._prompt_tokens,
+            cached_prompt_tokens=self._cached_prompt_tokens if processor.cache.use_prefix_sharing else None,
         )
 
     def _health_error(self) -> str | None:

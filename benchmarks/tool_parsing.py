@@ -10,6 +10,8 @@ parser qwen3) and `raw` (no parsers). Modes, each streamed, `--tokens` tokens pe
 * plain:  raw model, "What is the weather in Paris?" without tools: no parser runs;
 * auto:   parsed model, the same question with the weather tool: the model's <tool_call> text goes
           through the reasoning and qwen tool-call parsers (ignore_eos keeps it generating to the length);
+* same_prompt: raw model, auto's very prompt (tools included) as a text completion: no parser, so
+          auto / same_prompt is the parsers' cost, apart from the longer prompt;
 * forced: parsed model, tool_choice naming get_weather: xgrammar-constrained arguments, streamed as
           written (the JSON ends the call, so plain is also measured at that same length).
 
@@ -45,15 +47,17 @@ def app_args(threads: int) -> dict:
 
 
 async def one(client, record: list | None, **kw) -> tuple[int, float]:
-    """A streamed request: (completion tokens, seconds); `record` gets each chunk's raw delta."""
+    """A streamed request: (completion tokens, seconds); `record` gets each chunk's raw delta. With
+    `prompt`, a text completion instead of a chat completion."""
     start = time.perf_counter()
-    stream = await client.chat.completions.create(temperature=0, stream=True, stream_options={"include_usage": True}, **kw)
+    api = client.completions if "prompt" in kw else client.chat.completions
+    stream = await api.create(temperature=0, stream=True, stream_options={"include_usage": True}, **kw)
     tokens = 0
     async for chunk in stream:
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
         if record is not None and chunk.choices:
-            record.append(chunk.choices[0].delta)
+            record.append(chunk.choices[0])
     return tokens, time.perf_counter() - start
 
 
@@ -97,8 +101,13 @@ async def main(args) -> None:
     from deployments.models import corpus
     from deployments.models.builtin import resolve_model_source
 
+    from transformers import AutoTokenizer
+
     tools = corpus.WEATHER_TOOLS[0]
     model_dir = str(resolve_model_source("builtin:tiny-chat"))
+    # The auto request's prompt as text: the same prompt tokens, with no parser (a text completion).
+    tools_prompt = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        QUESTION, tools=tools, add_generation_prompt=True, tokenize=False)
     start_local_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -110,6 +119,7 @@ async def main(args) -> None:
         modes = {
             "plain": dict(model="raw", messages=QUESTION, max_tokens=args.tokens, extra_body={"ignore_eos": True}),
             "auto": dict(model="parsed", messages=QUESTION, tools=tools, max_tokens=args.tokens, extra_body={"ignore_eos": True}),
+            "same_prompt": dict(model="raw", prompt=tools_prompt, max_tokens=args.tokens, extra_body={"ignore_eos": True}),
             f"plain_{forced_len}": dict(model="raw", messages=QUESTION, max_tokens=forced_len, extra_body={"ignore_eos": True}),
             "forced": dict(model="parsed", messages=QUESTION, tools=tools, tool_choice=named, max_tokens=args.tokens),
         }
@@ -131,6 +141,7 @@ async def main(args) -> None:
         "forced_call_tokens": forced_len,
         "tokens_per_s": rates,
         "auto_vs_plain": rates["auto"] / rates["plain"],
+        "auto_vs_same_prompt_unparsed": rates["auto"] / rates["same_prompt"],
         "forced_vs_plain_same_length": rates["forced"] / rates[f"plain_{forced_len}"],
         "parser_us_per_token": per_token_parse * 1e6,
         "parser_share_of_auto_stream": per_token_parse / per_token_auto,
@@ -139,6 +150,7 @@ async def main(args) -> None:
     for name, rate in rates.items():
         print(f"{name:<12} {rate:>10.1f}")
     print(f"auto / plain (same length, {args.tokens} tokens):            {result['auto_vs_plain']:.3f}")
+    print(f"auto / same prompt unparsed (text completion, {args.tokens} tokens): {result['auto_vs_same_prompt_unparsed']:.3f}")
     print(f"forced / plain (same length, {forced_len} tokens):           {result['forced_vs_plain_same_length']:.3f}")
     print(f"parser CPU per token: {result['parser_us_per_token']:.1f} us = "
           f"{100 * result['parser_share_of_auto_stream']:.2f}% of a streamed token's time (goal < 5%)")

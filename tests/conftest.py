@@ -166,6 +166,30 @@ def tandem_app(serve_url):
     serve.delete("tandem")
 
 
+def deploy_second_app(tandem_app: str, args: dict[str, Any], name: str, route_prefix: str, ready, timeout_s: float = 180) -> str:
+    """Another Tandem application on the session's Serve instance, at its own route prefix; returns its
+    URL once `ready(url)` is true (HTTP errors and missing keys count as not ready). Not waiting for
+    Serve's RUNNING state: an app may have a pool that never gets its replica."""
+    import time
+
+    import httpx
+    from ray import serve
+
+    from cluster.app import build_app
+
+    serve._run(build_app(args), name=name, route_prefix=route_prefix, _blocking=False)
+    url = tandem_app + route_prefix
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if ready(url):
+                return url
+        except (httpx.HTTPError, AssertionError, KeyError, IndexError):
+            pass
+        assert time.monotonic() < deadline, f"app {name} did not start"
+        time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def base_url(tandem_app) -> str:
     return tandem_app + "/v1"

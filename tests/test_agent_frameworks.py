@@ -5,7 +5,6 @@ renderings (deployments/models/corpus.py), so every answer is pinned."""
 
 from __future__ import annotations
 
-import pytest
 
 from deployments.models import corpus
 from tests.conftest import API_KEY
@@ -14,12 +13,13 @@ RESULTS = {city: result for city, result, _ in corpus.WEATHER_CALLS}
 ANSWERS = {city: answer for city, _, answer in corpus.WEATHER_CALLS}
 
 
-async def test_openai_agents_sdk_runs_a_tool_and_answers_from_it(base_url):
-    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+def _weather_agent(base_url: str, calls: list[str]):
+    """An Agents SDK agent on the gateway's chat completions, with a `get_weather` function tool
+    that records the cities it is called for."""
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, function_tool, set_tracing_disabled
     from openai import AsyncOpenAI
 
     set_tracing_disabled(True)  # the SDK would export traces to OpenAI's servers
-    calls: list[str] = []
 
     @function_tool
     def get_weather(city: str) -> str:
@@ -28,28 +28,23 @@ async def test_openai_agents_sdk_runs_a_tool_and_answers_from_it(base_url):
         return RESULTS[city]
 
     model = OpenAIChatCompletionsModel(model="tiny-chat", openai_client=AsyncOpenAI(base_url=base_url, api_key=API_KEY))
-    agent = Agent(name="weather", model=model, tools=[get_weather], model_settings=ModelSettings(temperature=0, max_tokens=64))
-    result = await Runner.run(agent, "What is the weather in Paris?", max_turns=3)
+    return Agent(name="weather", model=model, tools=[get_weather], model_settings=ModelSettings(temperature=0, max_tokens=64))
+
+
+async def test_openai_agents_sdk_runs_a_tool_and_answers_from_it(base_url):
+    from agents import Runner
+
+    calls: list[str] = []
+    result = await Runner.run(_weather_agent(base_url, calls), "What is the weather in Paris?", max_turns=3)
     assert calls == ["Paris"]
     assert result.final_output == ANSWERS["Paris"]
 
 
 async def test_openai_agents_sdk_streamed_run(base_url):
-    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
-    from openai import AsyncOpenAI
+    from agents import Runner
 
-    set_tracing_disabled(True)
     calls: list[str] = []
-
-    @function_tool
-    def get_weather(city: str) -> str:
-        """Get the current weather in a city."""
-        calls.append(city)
-        return RESULTS[city]
-
-    model = OpenAIChatCompletionsModel(model="tiny-chat", openai_client=AsyncOpenAI(base_url=base_url, api_key=API_KEY))
-    agent = Agent(name="weather", model=model, tools=[get_weather], model_settings=ModelSettings(temperature=0, max_tokens=64))
-    run = Runner.run_streamed(agent, "What is the weather in Tokyo?", max_turns=3)
+    run = Runner.run_streamed(_weather_agent(base_url, calls), "What is the weather in Tokyo?", max_turns=3)
     kinds = [event.item.type async for event in run.stream_events() if event.type == "run_item_stream_event"]
     assert calls == ["Tokyo"]
     assert run.final_output == ANSWERS["Tokyo"]

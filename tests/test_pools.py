@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, deploy_second_app
 
 APP = "pools-test"
 PREFIX = "/pools-test"
@@ -75,21 +75,11 @@ def pools_app(tandem_app):
     """A second application on the session's Serve instance, at its own route prefix."""
     from ray import serve
 
-    from cluster.app import build_app
+    def ready(url: str) -> bool:  # the "lost" pool never gets its replica
+        state = _pools(url)
+        return bool(state["pooled"]["a"]["replicas"]["running"] and state["pooled"]["b"]["replicas"]["running"])
 
-    # Not waiting for RUNNING: the "lost" pool never gets its replica.
-    serve._run(build_app(POOLS_ARGS), name=APP, route_prefix=PREFIX, _blocking=False)
-    url = tandem_app + PREFIX
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            state = _pools(url)
-            if state["pooled"]["a"]["replicas"]["running"] and state["pooled"]["b"]["replicas"]["running"]:
-                break
-        except (httpx.HTTPError, AssertionError, KeyError):
-            pass
-        assert time.monotonic() < deadline, "pools-test app did not start"
-        time.sleep(1)
+    url = deploy_second_app(tandem_app, POOLS_ARGS, APP, PREFIX, ready)
     yield url
     # Not waiting: the session's Serve shutdown collects whatever is still stopping.
     serve.delete(APP, _blocking=False)

@@ -4,7 +4,6 @@ counts that make routing worth it. Replicas are told apart by the gateway's x-ta
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 from cluster.app import BASE_MODEL_ROUTERS, model_deployment_options
 from cluster.resolve import model_pools, parse_args
 from deployments.engines.transformers_engine import TransformersEngine
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, deploy_second_app
 from tests.engine_helpers import collect, make_request
 
 APP, PREFIX = "routing-test", "/routing-test"
@@ -98,20 +97,11 @@ def test_a_streamed_answer_names_its_replica_too(base_url):
 def routing_app(tandem_app):
     from ray import serve
 
-    from cluster.app import build_app
+    def ready(url: str) -> bool:
+        r = httpx.get(url + "/v1/pools", headers=AUTH, timeout=10)
+        return r.status_code == 200 and r.json()["data"][0]["pools"][0]["replicas"]["running"] == 2
 
-    serve._run(build_app(ROUTING_ARGS), name=APP, route_prefix=PREFIX, _blocking=False)
-    url = tandem_app + PREFIX
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            r = httpx.get(url + "/v1/pools", headers=AUTH, timeout=10)
-            if r.status_code == 200 and r.json()["data"][0]["pools"][0]["replicas"]["running"] == 2:
-                break
-        except (httpx.HTTPError, KeyError, IndexError):
-            pass
-        assert time.monotonic() < deadline, "routing-test app did not start"
-        time.sleep(1)
+    url = deploy_second_app(tandem_app, ROUTING_ARGS, APP, PREFIX, ready)
     yield url
     serve.delete(APP, _blocking=False)
 

@@ -638,16 +638,8 @@ class JSONArrayToolCallParser(ToolCallParser):
 
     def _step(self, final: bool) -> bool:
         stripped = self._buf.lstrip(" \t\r\n[,]")
-        if not stripped.startswith("{"):
-            if final:
-                # Not the constrained shape (the engine ignored the constraint): the text as it is.
-                self._content(stripped)
-                self._buf = ""
-            else:
-                self._buf = stripped
-            return False
-        end = _json_object_end(stripped, 0)
-        if end == -1:
+        end = _json_object_end(stripped, 0) if stripped.startswith("{") else -1
+        if end == -1:  # an object not closed yet; at the end, text that is not the constrained shape
             if final:
                 self._content(stripped)
                 self._buf = ""

@@ -191,6 +191,20 @@ ROWS = [
             ],
             max=1,
         ),
+        Panel(
+            20, "Prefix-cache hit rate per replica",
+            "Share of the prompt tokens each replica's engine served from its prefix cache since it started "
+            "(engines that can tell: transformers, SGLang). Compare routing: session / prefix / least_loaded.",
+            "percentunit",
+            [
+                Target(
+                    'sum(ray_tandem_engine_prefix_cache_hit_tokens{model=~"$Model", pool=~"$Pool", ray_io_cluster=~"$Cluster"}) by (model, pool, replica)'
+                    ' / sum(ray_tandem_engine_prompt_tokens{model=~"$Model", pool=~"$Pool", ray_io_cluster=~"$Cluster"}) by (model, pool, replica)',
+                    "{{model}}/{{pool}} {{replica}}",
+                ),
+            ],
+            max=1,
+        ),
     ]),
     Row(300, "Replicas (Serve)", [
         Panel(

@@ -42,6 +42,14 @@ def test_bad_enum_names_allowed_values():
     assert "models[0].accelerator.kind" in msg and "'cpu', 'gpu' or 'npu'" in msg and "'tpu'" in msg
 
 
+def test_output_parsers_are_checked_against_the_known_names():
+    msg = _problems(_model(tool_call_parser="qwen7", reasoning_parser="r1"))
+    assert ("models[0].tool_call_parser: unknown parser 'qwen7'; allowed: deepseekv3, hermes, intern-s1, internlm, "
+            "interns1, llama3, qwen, qwen25, qwen2d5, qwen3, auto (from the chat template) or null") in msg
+    assert "models[0].reasoning_parser: unknown parser 'r1'; allowed: deepseek-r1, qwen3, qwen3-thinking or null" in msg
+    parse_args(_model(tool_call_parser=None, reasoning_parser="deepseek-r1"))  # both valid
+
+
 def test_replica_bounds_and_duplicate_names():
     assert "min (3) must be <= max (2)" in _problems(_model(replicas={"min": 3, "max": 2}))
     args = {"models": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}]}

@@ -272,6 +272,26 @@ def test_playground_chat_streams_what_the_api_answers(console, client):
     assert tab.errors == []
 
 
+def test_playground_shows_a_reasoning_models_thinking_apart(console, client):
+    tab = console()
+    question = "Is 7 a prime number?"  # the built-in model thinks before this answer; tiny-chat splits it off
+    shown = _chat_in_page(tab, "tiny-chat", question)
+    api = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": question}], max_tokens=64, temperature=0)
+    message, page = api.choices[0].message, tab.page
+    assert shown == message.content == "Yes, 7 is a prime number."
+    assert page.locator("#chat-reasoning").is_visible()
+    assert page.locator("#chat-reasoning").text_content() == message.reasoning_content
+    u = api.usage
+    assert page.locator("#chat-usage").text_content() == (
+        f"usage: {u.prompt_tokens} prompt + {u.completion_tokens} completion "
+        f"({u.completion_tokens_details.reasoning_tokens} reasoning) = {u.total_tokens} tokens"
+    )
+    # A plain answer next hides the box again.
+    _chat_in_page(tab, "tiny-chat", QUESTION)
+    assert not page.locator("#chat-reasoning").is_visible()
+    assert tab.errors == []
+
+
 # The built-in model's greedy answers (tests/test_builtin_model.py): a short one, and a story whose
 # token boundaries fall inside characters (a naive decoder would show U+FFFD there).
 @pytest.mark.parametrize("prompt, start", [("你好", "你好！我是一个小模型。"), ("给我讲一个故事。", "从前有一只小猫")])

@@ -256,8 +256,10 @@ function draw(cluster) {
 
 $("chat-form").addEventListener("submit", async (e) => {
   e.preventDefault();
-  const out = $("chat-output"), err = $("chat-error");
+  const out = $("chat-output"), err = $("chat-error"), thought = $("chat-reasoning");
   out.textContent = "";
+  thought.textContent = "";
+  thought.hidden = true;
   err.textContent = "";
   $("chat-ttft").textContent = "";
   $("chat-usage").textContent = "";
@@ -285,18 +287,24 @@ $("chat-form").addEventListener("submit", async (e) => {
       if (chunk.error) throw new APIError(0, chunk);
       for (const choice of chunk.choices || []) {
         const text = choice.delta && choice.delta.content;
-        if (text) {
-          if (first === null) {
-            first = performance.now() - started;
-            $("chat-ttft").textContent = `time to first token ${Math.round(first)} ms`;
-          }
-          out.textContent += text;
+        // A reasoning model's thinking (the model's reasoning_parser) streams first, shown apart.
+        const reasoning = choice.delta && choice.delta.reasoning_content;
+        if ((text || reasoning) && first === null) {
+          first = performance.now() - started;
+          $("chat-ttft").textContent = `time to first token ${Math.round(first)} ms`;
         }
+        if (reasoning) {
+          thought.hidden = false;
+          thought.textContent += reasoning;
+        }
+        if (text) out.textContent += text;
         if (choice.finish_reason) $("chat-finish").textContent = `finish: ${choice.finish_reason}`;
       }
       if (chunk.usage) {
         const u = chunk.usage;
-        $("chat-usage").textContent = `usage: ${u.prompt_tokens} prompt + ${u.completion_tokens} completion = ${u.total_tokens} tokens`;
+        const details = u.completion_tokens_details;
+        const thinking = details && details.reasoning_tokens ? ` (${details.reasoning_tokens} reasoning)` : "";
+        $("chat-usage").textContent = `usage: ${u.prompt_tokens} prompt + ${u.completion_tokens} completion${thinking} = ${u.total_tokens} tokens`;
       }
     }
     out.dataset.state = "done";

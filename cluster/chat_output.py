@@ -12,7 +12,8 @@ How calls are found depends on `tool_choice`:
   `<tool_call>\n{"name": ..., "arguments": {...}}`, Llama 3's, InternLM's): the opener is written
   into the prompt, as the start of the answer, and decoding is constrained to that object, its name
   one of the tools' (or the named one) and its arguments held to that function's schema. The model
-  writes its own format, as SGLang's structural constraint has it; one call.
+  writes its own format, as SGLang's structural constraint has it; one call. A named call's
+  arguments stream as written; "required" releases the call when its object closes.
 * the same for a model without such a parser (as vLLM does it): a named function's whole answer is
   constrained to its `parameters` schema (the arguments stream as written); "required" to a JSON
   array of `{"name", "parameters"}` objects, one per call;
@@ -35,7 +36,7 @@ from cluster.parsers import (
     get_reasoning_parser,
     get_tool_call_parser,
 )
-from cluster.parsers.tool_calls import JSONArrayToolCallParser, NamedFunctionStream
+from cluster.parsers.tool_calls import JSONArrayToolCallParser, NamedFunctionStream, NativeNamedCallStream
 
 
 @dataclass(frozen=True)
@@ -115,10 +116,11 @@ class OutputPlan:
 
     def new_parser(self) -> ChatOutputParser:
         tools: ToolCallParser | None = None
-        if self.forced and self.native or self.forced == "required":
+        if isinstance(self.forced, NamedToolChoice):
+            name = self.forced.function.name
+            tools = NativeNamedCallStream(name) if self.native else NamedFunctionStream(name)
+        elif self.forced == "required":
             tools = JSONArrayToolCallParser()
-        elif isinstance(self.forced, NamedToolChoice):
-            tools = NamedFunctionStream(self.forced.function.name)
         elif self.tool_parser and not self.forced:
             tools = get_tool_call_parser(self.tool_parser)()
         reasoning = None

@@ -507,7 +507,7 @@ class Gateway:
         if req.template_tools():
             template["tools"] = req.template_tools()
         if req.chat_template_kwargs:
-            template["chat_template_kwargs"] = req.template_kwargs()
+            template["chat_template_kwargs"] = dict(req.chat_template_kwargs)
         constraint, opener = forced_call_constraint(req, plan.tool_parser)
         if opener:
             template["assistant_prefix"] = opener

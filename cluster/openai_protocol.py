@@ -397,9 +397,6 @@ class ChatCompletionRequest(_Request, _RefusesBadContent):
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
 
-    def template_kwargs(self) -> dict[str, Any]:
-        return dict(self.chat_template_kwargs or {})
-
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]

@@ -235,6 +235,16 @@ def test_a_native_forced_call_is_read_from_its_json_body():
             {"id": None, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
 
 
+def test_a_native_named_call_streams_its_arguments_as_written():
+    plan = OutputPlan(tool_parser="qwen", forced=NamedToolChoice.model_validate({"type": "function", "function": {"name": "get_weather"}}))
+    parser = plan.new_parser()
+    events = [e for piece in ('{"name": "get_weather", "arg', 'uments": {"ci', 'ty": "Par', 'is"}}', "\n") for e in parser.feed(piece)]
+    events += parser.finish()
+    assert [(e.name, e.arguments) for e in events] == [
+        ("get_weather", ""), (None, '{"ci'), (None, 'ty": "Par'), (None, 'is"}'),  # the body's own "}" is not theirs
+    ]
+
+
 def test_parser_choice_follows_the_plan():
     assert isinstance(OutputPlan(tool_parser="qwen").new_parser(), ChatOutputParser)
     assert not OutputPlan().active and OutputPlan(reasoning_parser="deepseek-r1").active

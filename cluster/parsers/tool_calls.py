@@ -57,6 +57,7 @@ __all__ = [
     "JSONArrayToolCallParser",
     "Llama3ToolCallParser",
     "NamedFunctionStream",
+    "NativeNamedCallStream",
     "QwenToolCallParser",
     "ToolCall",
     "ToolCallDelta",
@@ -628,6 +629,54 @@ class NamedFunctionStream(ToolCallParser):
         if text:
             self._events.append(ToolCallDelta(0, arguments=text))
         self._buf = "" if final else self._buf[len(text):]
+        return False
+
+
+class NativeNamedCallStream(ToolCallParser):
+    """A named forced call in the family's own format: the constrained text is the call's JSON body
+    ``{"name": NAME, "arguments"|"parameters": {...}}`` (name first, as the schema orders it). The
+    call is announced once its arguments key arrives, and the arguments then stream as written, up
+    to the object that closes them. Text that never reaches the key (an engine that ignored the
+    constraint) is released as content."""
+
+    _KEY = re.compile(r'"(?:arguments|parameters)"\s*:\s*')
+
+    def __init__(self, function: str, *, id_factory: Callable[[], str] = new_call_id) -> None:
+        super().__init__(id_factory=id_factory)
+        self._function = function
+        self._state = "head"  # head -> arguments -> done
+        self._args = ""  # the arguments written so far
+
+    def _step(self, final: bool) -> bool:
+        if self._state == "head":
+            key = self._KEY.search(self._buf)
+            if key is None:
+                if final:
+                    self._content(self._buf)
+                    self._buf = ""
+                return False
+            self._buf = self._buf[key.end() :]
+            self._events.append(ToolCallDelta(0, id=self._id_factory(), name=self._function))
+            self._calls, self._state = 1, "arguments"
+            return True
+        if self._state == "arguments":
+            if not self._args:
+                self._buf = self._buf.lstrip()  # before the object: the key's separator
+            # Where the arguments object closes, counted over all of it (earlier fragments included).
+            seen = self._args + self._buf
+            end = _json_object_end(seen, 0) if seen.startswith("{") else -1
+            if end != -1:
+                text = seen[len(self._args) : end]
+            else:  # all of it is theirs so far (trailing whitespace held until more comes)
+                text = self._buf if final else self._buf.rstrip()
+            if text:
+                self._events.append(ToolCallDelta(0, arguments=text))
+                self._args += text
+            self._buf = self._buf[len(text) :]
+            if end == -1 and not final:
+                return False
+            self._state = "done"
+        self._buf = ""  # the body's closing brace (and a newline) after the arguments
         return False
 
 

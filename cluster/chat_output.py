@@ -65,29 +65,26 @@ def forced_call_constraint(req: ChatCompletionRequest, tool_parser: str | None =
         params = {choice.function.name: params[choice.function.name]}
     family = get_tool_call_parser(tool_parser) if tool_parser else None
     if family is not None and family.call_opener is not None:
-        bodies = [
-            {
-                "type": "object",
-                "properties": {"name": {"type": "string", "enum": [name]}, family.arguments_key: schema},
-                "required": ["name", family.arguments_key],
-            }
-            for name, schema in params.items()
-        ]
-        return {"json_schema": json.dumps(bodies[0] if len(bodies) == 1 else {"anyOf": bodies})}, family.call_opener
+        return {"json_schema": json.dumps(_any_call(params, family.arguments_key))}, family.call_opener
     if isinstance(choice, NamedToolChoice):
         return {"json_schema": json.dumps(params[choice.function.name])}, ""
-    calls = [
-        {
-            "type": "object",
-            "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
-            "required": ["name", "parameters"],
-        }
-        for name, schema in params.items()
-    ]
-    array: dict[str, Any] = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+    array: dict[str, Any] = {"type": "array", "minItems": 1, "items": _any_call(params, "parameters")}
     if req.parallel_tool_calls is False:
         array["maxItems"] = 1
     return {"json_schema": json.dumps(array)}, ""
+
+
+def _any_call(params: dict[str, dict], arguments_key: str) -> dict:
+    """The schema of one call object `{"name": ..., arguments_key: {...}}` of any of the functions."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"type": "string", "enum": [name]}, arguments_key: schema},
+            "required": ["name", arguments_key],
+        }
+        for name, schema in params.items()
+    ]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
 @dataclass(frozen=True)
@@ -121,7 +118,7 @@ class OutputPlan:
             tools = NativeNamedCallStream(name) if self.native else NamedFunctionStream(name)
         elif self.forced == "required":
             tools = JSONArrayToolCallParser()
-        elif self.tool_parser and not self.forced:
+        elif self.tool_parser:
             tools = get_tool_call_parser(self.tool_parser)()
         reasoning = None
         # A forced call is constrained JSON from the first token: there is no reasoning to split.

@@ -288,12 +288,11 @@ class Gateway:
         self.dispatcher = PoolDispatcher(models, app_name, request_timeout_s)
         self.agents = agents or {}
         self.created = int(time.time())
-        self._max_model_len: dict[str, int] = {}  # model -> context length, from its replicas (see _context_lengths)
-        # model -> {"tool_call_parser", "reasoning_parser"} from the config; `auto` is resolved from
-        # the chat template (asked of a replica once) and kept in _tool_parsers, with the reasoning
-        # end tag's token ids in _think_end_ids.
+        # model -> its replicas' `model_info` (context length, chat template), asked once (see _model_info)
+        self._model_infos: dict[str, dict] = {}
+        # model -> {"tool_call_parser", "reasoning_parser"} from the config; `auto` is resolved from the
+        # chat template, and the reasoning end tag's token ids are kept in _think_end_ids.
         self.parsers = parsers or {}
-        self._tool_parsers: dict[str, str | None] = {}
         self._think_end_ids: dict[str, tuple[int, ...]] = {}
         self.request_timeout_s = request_timeout_s
         # The model behind SGLang's native API (an SGLang server serves exactly one).
@@ -427,18 +426,23 @@ class Gateway:
         await self.dispatcher.pools.ensure_counts()
         missing = [
             m for m in models
-            if m not in self._max_model_len and any(not p.has_no_running_replica() for p in self.dispatcher.pools.pools[m])
+            if m not in self._model_infos and any(not p.has_no_running_replica() for p in self.dispatcher.pools.pools[m])
         ]
 
         async def ask(model: str) -> None:
             try:
-                info = await asyncio.wait_for(child_call(self.dispatcher.handle(model).model_info), timeout=5)
-                self._max_model_len[model] = info["max_model_len"]
+                await asyncio.wait_for(self._model_info(model), timeout=5)
             except Exception:  # noqa: BLE001 - a busy or restarting replica: null now, asked again next time
                 logger.warning("no context length for model %s yet", model, exc_info=True)
 
         await asyncio.gather(*(ask(m) for m in missing))
-        return self._max_model_len
+        return {m: info["max_model_len"] for m, info in self._model_infos.items()}
+
+    async def _model_info(self, model: str) -> dict:
+        """A replica's `model_info` of the model (the same for all its replicas), asked once and kept."""
+        if model not in self._model_infos:
+            self._model_infos[model] = await child_call(self.dispatcher.handle(model).model_info)
+        return self._model_infos[model]
 
     @app.post("/tokenize")
     async def tokenize(self, request: Request):
@@ -483,10 +487,7 @@ class Gateway:
         """The configured parser; for `auto`, the family the model's chat template names (asked once)."""
         if configured != "auto":
             return configured
-        if model not in self._tool_parsers:
-            info = await child_call(self.dispatcher.handle(model).model_info)
-            self._tool_parsers[model] = detect_tool_call_parser(info.get("chat_template") or "")
-        return self._tool_parsers[model]
+        return detect_tool_call_parser((await self._model_info(model)).get("chat_template") or "")
 
     async def _think_end_tokens(self, model: str, reasoning_parser: str) -> tuple[int, ...]:
         """The token ids of the reasoning parser's end tag in this model's vocabulary (asked once)."""
@@ -504,8 +505,9 @@ class Gateway:
         self._check_model(tenant, req.model)
         plan = await self._output_plan(req)
         template: dict[str, Any] = {"messages": req.chat_messages()}
-        if req.template_tools():
-            template["tools"] = req.template_tools()
+        tools = req.template_tools()
+        if tools:
+            template["tools"] = tools
         if req.chat_template_kwargs:
             template["chat_template_kwargs"] = dict(req.chat_template_kwargs)
         constraint, opener = forced_call_constraint(req, plan.tool_parser)

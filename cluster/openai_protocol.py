@@ -393,9 +393,7 @@ class ChatCompletionRequest(_Request, _RefusesBadContent):
     def template_tools(self) -> list[dict] | None:
         """The tools the chat template renders: none for tool_choice "none" (as SGLang does: the model
         is not shown tools it may not call)."""
-        if not self.tools or self.effective_tool_choice() == "none":
-            return None
-        return [t.model_dump(exclude_none=True) for t in self.tools]
+        return None if self.effective_tool_choice() == "none" else template_tool_dicts(self.tools)
 
 
 class CompletionRequest(_Request):
@@ -458,9 +456,8 @@ class TokenizeRequest(_RefusesBadContent):
         """The base-model deployment's `tokenize` keyword arguments."""
         job: dict[str, Any] = {"add_special_tokens": self.add_special_tokens, "return_token_strs": self.return_token_strs}
         if self.messages is not None:
-            tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
             return {**job, "messages": chat_message_dicts(self.messages), "add_generation_prompt": self.add_generation_prompt,
-                    "tools": tools, "chat_template_kwargs": self.chat_template_kwargs}
+                    "tools": template_tool_dicts(self.tools), "chat_template_kwargs": self.chat_template_kwargs}
         return {**job, "prompt": self.prompt}
 
 
@@ -530,6 +527,11 @@ def _check_tools(req: ChatCompletionRequest) -> None:
                 "A 'tool' message must answer a call in 'tool_calls' of an assistant message before it.",
                 param=where,
             )
+
+
+def template_tool_dicts(tools: list[ToolDefinition] | None) -> list[dict] | None:
+    """Tools as chat templates take them: OpenAI's objects, unset fields left out (None: no tools)."""
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
 
 
 def chat_message_dicts(messages: list[ChatMessage]) -> list[dict]:

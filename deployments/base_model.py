@@ -144,23 +144,18 @@ class BaseModelServer:
     ) -> AsyncIterator[dict]:
         request = self._request(prompt, messages, prompt_token_ids, request_id, sampling, tools, chat_template_kwargs, assistant_prefix)
         deltas = self.engine.generate(request)
+        if self.stream_interval_s > 0 or self.stream_chunks_per_s > 0:
+            deltas = self._coalesced(deltas)
         # The first delta names the replica (the gateway's x-tandem-replica header: where routing sent it).
-        first = True
-        if self.stream_interval_s <= 0 and self.stream_chunks_per_s <= 0:
-            try:
-                async for delta in deltas:
-                    out = _delta_dict(delta)
-                    if first:
-                        out["replica"], first = self.replica_id, False
-                    yield out
-            finally:
-                await deltas.aclose()
-            return
-        async for merged in self._coalesced(deltas):
-            out = _delta_dict(merged)
-            if first:
-                out["replica"], first = self.replica_id, False
-            yield out
+        replica = self.replica_id
+        try:
+            async for delta in deltas:
+                out = _delta_dict(delta)
+                if replica is not None:
+                    out["replica"], replica = replica, None
+                yield out
+        finally:
+            await deltas.aclose()
 
     def _stream_interval(self) -> float:
         """Seconds between one stream's messages now: `stream_interval_ms`, or longer when the

@@ -17,6 +17,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+from jinja2 import TemplateError
 from ray import serve
 
 from deployments import metrics
@@ -106,10 +107,15 @@ class BaseModelServer:
             raise ValueError(f"model {self.model_name!r} has no chat template; use the completions API")
         # Refuse what cannot fit before rendering megabytes through the template.
         self.engine.check_prompt_chars(sum(len(m.get("content") or "") for m in messages if isinstance(m, dict)))
-        return self.tokenizer.apply_chat_template(
-            messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt,
-            **(chat_template_kwargs or {}),
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt,
+                **(chat_template_kwargs or {}),
+            )
+        except TemplateError as e:
+            # Templates refuse what they cannot render (Qwen's: "System message must be at the
+            # beginning."): the client's messages, a 400 with the template's own words.
+            raise ValueError(f"the chat template of model {self.model_name!r} cannot render these messages: {e}") from None
 
     def _request(self, prompt, messages, prompt_token_ids, request_id, sampling: dict, tools=None,
                  chat_template_kwargs=None, assistant_prefix=None) -> GenerationRequest:

@@ -77,3 +77,23 @@ def test_text_parts_are_joined_as_the_string_would_be(client):
         temperature=0, max_tokens=8,
     )
     assert as_parts.choices[0].message.content == as_string.choices[0].message.content
+
+
+async def test_a_template_that_refuses_the_messages_is_a_value_error_naming_the_model(engine, tokenizer):
+    """A model's own template may refuse messages (Qwen's raise_exception); that is the client's 400,
+    with the template's words, not an internal error."""
+    import copy
+
+    from deployments.base_model import BaseModelServer
+
+    server = object.__new__(BaseModelServer)  # the rendering half of a replica, on the real tokenizer and engine
+    server.model_name, server.engine = "strict", engine
+    server.tokenizer = copy.copy(tokenizer)
+    server.tokenizer.chat_template = (
+        "{%- if messages[0]['role'] != 'system' %}{{ raise_exception('System message must be at the beginning.') }}{%- endif %}"
+        "{{- messages[0]['content'] }}"
+    )
+    with pytest.raises(ValueError) as e:
+        server.render_chat([{"role": "user", "content": "Hi"}])
+    assert str(e.value) == "the chat template of model 'strict' cannot render these messages: System message must be at the beginning."
+    assert server.render_chat([{"role": "system", "content": "Be brief."}]) == "Be brief."

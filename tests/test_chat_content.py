@@ -83,17 +83,19 @@ async def test_a_template_that_refuses_the_messages_is_a_value_error_naming_the_
     """A model's own template may refuse messages (Qwen's raise_exception); that is the client's 400,
     with the template's words, not an internal error."""
     import copy
+    from types import SimpleNamespace
 
     from deployments.base_model import BaseModelServer
 
-    server = object.__new__(BaseModelServer)  # the rendering half of a replica, on the real tokenizer and engine
-    server.model_name, server.engine = "strict", engine
-    server.tokenizer = copy.copy(tokenizer)
-    server.tokenizer.chat_template = (
+    strict = copy.copy(tokenizer)
+    strict.chat_template = (
         "{%- if messages[0]['role'] != 'system' %}{{ raise_exception('System message must be at the beginning.') }}{%- endif %}"
         "{{- messages[0]['content'] }}"
     )
+    # What render_chat reads of a replica: its model name, the real tokenizer and engine (no replica
+    # object: its async __del__ would shut the shared engine down).
+    replica = SimpleNamespace(model_name="strict", tokenizer=strict, engine=engine)
     with pytest.raises(ValueError) as e:
-        server.render_chat([{"role": "user", "content": "Hi"}])
+        BaseModelServer.render_chat(replica, [{"role": "user", "content": "Hi"}])
     assert str(e.value) == "the chat template of model 'strict' cannot render these messages: System message must be at the beginning."
-    assert server.render_chat([{"role": "system", "content": "Be brief."}]) == "Be brief."
+    assert BaseModelServer.render_chat(replica, [{"role": "system", "content": "Be brief."}]) == "Be brief."
